@@ -1,0 +1,104 @@
+// The CPU counterpart of csrc/cuda/multi_tensor_apply.cuh: the same plan (fixed-size chunks, blocks
+// numbered in list order), executed by at::parallel_for instead of a grid. Chunk boundaries do not
+// depend on the thread count, so reductions are bit-identical however many threads run them.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "../functors.h"
+#include "../multi_tensor_plan.h"
+
+namespace fastamp::cpu {
+
+// 64K elements: large enough to amortize per-chunk work, small enough to balance a few threads.
+constexpr int64_t kChunkSize = 65536;
+// Independent accumulators per chunk: breaks the add dependency chain so the loop vectorizes, and
+// keeps a fixed summation order.
+constexpr int kLanes = 16;
+
+// A tensor list as flat memory. Dense tensors (contiguous or only permuted) are used where they lie;
+// anything else (strided slices) is copied to a contiguous buffer, which in-place ops write back.
+struct FlatTensors {
+  std::vector<at::Tensor> dense;
+  std::vector<size_t> copied;
+  MultiTensorPlan plan;
+
+  explicit FlatTensors(at::TensorList tensors) {
+    dense.reserve(tensors.size());
+    std::vector<int64_t> numels;
+    numels.reserve(tensors.size());
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const at::Tensor& t = tensors[i];
+      if (t.is_non_overlapping_and_dense()) {
+        dense.push_back(t);
+      } else {
+        dense.push_back(t.contiguous());
+        copied.push_back(i);
+      }
+      numels.push_back(t.numel());
+    }
+    plan = plan_multi_tensor(numels, kChunkSize, INT64_MAX, INT64_MAX);
+  }
+
+  // For in-place ops: copy results computed in contiguous buffers back into the strided originals.
+  void write_back(at::TensorList originals) const {
+    for (size_t i : copied) originals[i].copy_(dense[i]);
+  }
+};
+
+// Calls f(tensor_index, first_element, element_count, global_block) for every chunk, in parallel.
+template <typename F>
+void parallel_for_each_chunk(const FlatTensors& flat, const F& f) {
+  if (flat.plan.launches.empty()) return;
+  const Launch& launch = flat.plan.launches.front();
+  const int64_t blocks = static_cast<int64_t>(launch.block_slot.size());
+  auto body = [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t tensor = launch.tensors[launch.block_slot[b]];
+      const int64_t first = launch.block_chunk[b] * flat.plan.chunk_size;
+      const int64_t count = std::min(flat.plan.chunk_size, flat.dense[tensor].numel() - first);
+      f(tensor, first, count, launch.first_block + b);
+    }
+  };
+  // A single chunk is not worth waking the thread pool for.
+  if (blocks == 1) {
+    body(0, 1);
+  } else {
+    at::parallel_for(0, blocks, 1, body);
+  }
+}
+
+// Runs f(T* tag) with the C++ element type of a gradient dtype.
+template <typename F>
+void dispatch_grad_dtype(at::ScalarType dtype, const F& f) {
+  switch (dtype) {
+    case at::kFloat: f(static_cast<float*>(nullptr)); break;
+    case at::kHalf: f(static_cast<c10::Half*>(nullptr)); break;
+    case at::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
+    case at::kDouble: f(static_cast<double*>(nullptr)); break;
+    default: TORCH_CHECK(false, "fastamp: unsupported dtype ", c10::toString(dtype));
+  }
+}
+
+template <typename A>
+inline A sum_lanes(A (&lanes)[kLanes]) {
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  return lanes[0];
+}
+
+template <typename T>
+inline bool chunk_has_nonfinite(const T* data, int64_t count) {
+  for (int64_t i = 0; i < count; ++i)
+    if (!is_finite_value(static_cast<opmath_t<T>>(data[i]))) return true;
+  return false;
+}
+
+}  // namespace fastamp::cpu

@@ -1,0 +1,29 @@
+// The Python module fastamp._C. The ops register themselves with the dispatcher when the library is
+// loaded (TORCH_LIBRARY_IMPL blocks); the module only carries build facts for fastamp.build_info().
+#include <Python.h>
+
+#ifndef FASTAMP_CUDA_ARCHS
+#define FASTAMP_CUDA_ARCHS ""
+#endif
+#ifndef FASTAMP_CUDA_VERSION
+#define FASTAMP_CUDA_VERSION ""
+#endif
+#ifndef FASTAMP_TORCH_VERSION
+#define FASTAMP_TORCH_VERSION ""
+#endif
+
+static PyModuleDef fastamp_module = {PyModuleDef_HEAD_INIT, "_C", "fastamp compiled kernels", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&fastamp_module);
+  if (module == nullptr) return nullptr;
+  PyModule_AddStringConstant(module, "cuda_archs", FASTAMP_CUDA_ARCHS);
+  PyModule_AddStringConstant(module, "cuda_version", FASTAMP_CUDA_VERSION);
+  PyModule_AddStringConstant(module, "torch_version", FASTAMP_TORCH_VERSION);
+#if defined(_OPENMP)
+  PyModule_AddIntConstant(module, "openmp", 1);
+#else
+  PyModule_AddIntConstant(module, "openmp", 0);
+#endif
+  return module;
+}
