@@ -14,44 +14,28 @@ namespace fastamp::cpu {
 
 namespace {
 
-// Sum of squares of g * inv_scale over one chunk, in opmath with kLanes fixed accumulators.
+// Sum of squares of g * inv_scale over one chunk.
 template <typename T>
-opmath_t<T> sum_squares_chunk(const T* data, int64_t count, opmath_t<T> inv_scale) {
+double sum_squares_chunk(const T* data, int64_t count, opmath_t<T> inv_scale) {
   using A = opmath_t<T>;
-  A lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= count; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] = square_accumulate(lanes[l], static_cast<A>(data[i + l]) * inv_scale);
-  for (; i < count; ++i) lanes[0] = square_accumulate(lanes[0], static_cast<A>(data[i]) * inv_scale);
-  return sum_lanes(lanes);
+  return sum_squares_cascade<A>(count, [&](int64_t i, int) { return static_cast<A>(data[i]) * inv_scale; });
 }
 
 // Unscales one chunk in place and returns the sum of squares of the values as written (rounded to T);
 // sets *nonfinite when any original element was non-finite.
 template <typename T>
-opmath_t<T> unscale_sum_squares_chunk(T* data, int64_t count, const Unscale<T>& unscale, bool* nonfinite) {
+double unscale_sum_squares_chunk(T* data, int64_t count, const Unscale<T>& unscale, bool* nonfinite) {
   using A = opmath_t<T>;
-  A lanes[kLanes] = {};
   A probes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= count; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const T g = data[i + l];
-      probes[l] += nonfinite_probe(static_cast<A>(g));
-      const T u = unscale(g);
-      data[i + l] = u;
-      lanes[l] = square_accumulate(lanes[l], static_cast<A>(u));
-    }
-  }
-  for (; i < count; ++i) {
+  const double sum = sum_squares_cascade<A>(count, [&](int64_t i, int lane) {
     const T g = data[i];
-    probes[0] += nonfinite_probe(static_cast<A>(g));
+    probes[lane] += nonfinite_probe(static_cast<A>(g));
     const T u = unscale(g);
     data[i] = u;
-    lanes[0] = square_accumulate(lanes[0], static_cast<A>(u));
-  }
+    return static_cast<A>(u);
+  });
   *nonfinite = !is_finite_value(sum_lanes(probes));
-  return sum_lanes(lanes);
+  return sum;
 }
 
 // Second stage, in fixed order: per-tensor sums of the block partials, then their total.
@@ -92,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> grad_norm(at::TensorList grads, const std::op
       using T = std::remove_pointer_t<decltype(tag)>;
       const T* data = static_cast<const T*>(g.data_ptr()) + first;
       const auto sum = sum_squares_chunk(data, count, static_cast<opmath_t<T>>(inv));
-      partials[block] = static_cast<double>(sum);
+      partials[block] = sum;
       // A finite sum proves every element finite; only a non-finite one needs a closer look.
       if (check && !is_finite_value(sum) && chunk_has_nonfinite(data, count))
         any_nonfinite.store(true, std::memory_order_relaxed);
@@ -115,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> unscale_check_norm_(at::TensorList grads, at:
       const Unscale<T> unscale{static_cast<opmath_t<T>>(inv)};
       bool nonfinite = false;
       const auto sum = unscale_sum_squares_chunk(static_cast<T*>(g.data_ptr()) + first, count, unscale, &nonfinite);
-      partials[block] = static_cast<double>(sum);
+      partials[block] = sum;
       if (nonfinite) any_nonfinite.store(true, std::memory_order_relaxed);
     });
   });

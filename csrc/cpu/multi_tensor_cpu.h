@@ -94,6 +94,26 @@ inline A sum_lanes(A (&lanes)[kLanes]) {
   return lanes[0];
 }
 
+// Elements per sub-block: each sub-block is summed in opmath over kLanes lanes (64 adds per lane), and
+// sub-block sums are added in fp64. Cascading keeps fp32 rounding error near 64 ulps, not 4096.
+constexpr int64_t kSubBlock = 1024;
+
+// Sum over [0, count) of value_at(i, lane)^2, in a fixed order. value_at may also write element i.
+template <typename A, typename F>
+inline double sum_squares_cascade(int64_t count, const F& value_at) {
+  double total = 0.0;
+  for (int64_t base = 0; base < count; base += kSubBlock) {
+    const int64_t end = std::min(count, base + kSubBlock);
+    A lanes[kLanes] = {};
+    int64_t i = base;
+    for (; i + kLanes <= end; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) lanes[l] = square_accumulate(lanes[l], value_at(i + l, l));
+    for (; i < end; ++i) lanes[0] = square_accumulate(lanes[0], value_at(i, 0));
+    total += static_cast<double>(sum_lanes(lanes));
+  }
+  return total;
+}
+
 template <typename T>
 inline bool chunk_has_nonfinite(const T* data, int64_t count) {
   for (int64_t i = 0; i < count; ++i)

@@ -1,5 +1,8 @@
 """The fastamp operator library: schemas (defined once, here) and fake kernels.
 
+The fake kernels validate their inputs exactly as the real ones do (so a bad call fails at trace
+time and on the meta device too) and return correctly shaped outputs.
+
 The C++ extension ``fastamp._C`` registers CPU and CUDA kernels for these schemas. Any dispatch key
 left without a kernel (no extension, or an extension built without CUDA) gets the pure-PyTorch
 reference from :mod:`fastamp.ops._reference` instead; :func:`fastamp.build_info` says which.
@@ -12,7 +15,10 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["LIBRARY", "OP_NAMES", "SCHEMAS", "norm_dtype"]
+from . import _reference as ref
+from ._reference import norm_dtype
+
+__all__ = ["LIBRARY", "OP_NAMES", "SCHEMAS"]
 
 LIBRARY = torch.library.Library("fastamp", "DEF")
 
@@ -41,11 +47,6 @@ for _schema in SCHEMAS.values():
     LIBRARY.define(_schema)
 
 
-def norm_dtype(tensors: List[Tensor]) -> torch.dtype:
-    """dtype of a norm over ``tensors``: float64 if any tensor is float64 (accumulated in fp64), else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _norm_outputs(grads: List[Tensor], per_tensor: bool) -> Tuple[Tensor, Tensor]:
     dtype = norm_dtype(grads)
     total = grads[0].new_empty((), dtype=dtype)
@@ -55,13 +56,14 @@ def _norm_outputs(grads: List[Tensor], per_tensor: bool) -> Tuple[Tensor, Tensor
 
 @torch.library.register_fake("fastamp::unscale_check_")
 def _unscale_check_fake(grads: List[Tensor], found_inf: Tensor, inv_scale: Tensor) -> None:
-    return None
+    ref.validate_unscale_check("unscale_check_", grads, found_inf, inv_scale, written=False)
 
 
 @torch.library.register_fake("fastamp::grad_norm")
 def _grad_norm_fake(
     grads: List[Tensor], inv_scale: Optional[Tensor], found_inf: Optional[Tensor], per_tensor: bool
 ) -> Tuple[Tensor, Tensor]:
+    ref.validate_grad_norm(grads, inv_scale, found_inf)
     return _norm_outputs(grads, per_tensor)
 
 
@@ -69,6 +71,7 @@ def _grad_norm_fake(
 def _unscale_check_norm_fake(
     grads: List[Tensor], found_inf: Tensor, inv_scale: Tensor, per_tensor: bool
 ) -> Tuple[Tensor, Tensor]:
+    ref.validate_unscale_check("unscale_check_norm_", grads, found_inf, inv_scale, written=False)
     if not grads:
         total = found_inf.new_empty((), dtype=torch.float32)
         return total, found_inf.new_empty((0,), dtype=torch.float32)
@@ -77,12 +80,13 @@ def _unscale_check_norm_fake(
 
 @torch.library.register_fake("fastamp::clip_coef")
 def _clip_coef_fake(total_norm: Tensor, max_norm: float, eps: float) -> Tensor:
+    ref.validate_clip_coef(total_norm, max_norm, eps)
     return total_norm.new_empty(())
 
 
 @torch.library.register_fake("fastamp::scale_")
 def _scale_fake(tensors: List[Tensor], factor: Tensor, found_inf: Optional[Tensor]) -> None:
-    return None
+    ref.validate_scale(tensors, factor, found_inf, written=False)
 
 
 @torch.library.register_fake("fastamp::update_scale_")
@@ -98,4 +102,4 @@ def _update_scale_fake(
     min_scale: float,
     max_scale: float,
 ) -> None:
-    return None
+    ref.validate_update_scale(scale, growth_tracker, found_inf, hysteresis, hysteresis_tracker, min_scale, max_scale)

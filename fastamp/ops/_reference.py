@@ -17,10 +17,15 @@ from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._library import norm_dtype
 
 __all__ = [
     "NonFiniteRecord",
+    "norm_dtype",
+    "validate_clip_coef",
+    "validate_grad_norm",
+    "validate_scale",
+    "validate_unscale_check",
+    "validate_update_scale",
     "clip_coef",
     "grad_norm",
     "nonfinite_report",
@@ -31,6 +36,11 @@ __all__ = [
 ]
 
 _GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def norm_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """dtype of a norm over ``tensors``: float64 if any is float64 (accumulated in fp64), else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -85,11 +95,67 @@ def _check_int(op: str, name: str, t: Optional[Tensor], device: torch.device) ->
         _fail(op, f"{name} is on {t.device} but the op runs on {device}")
 
 
-def _validate_unscale_check(op: str, grads: Sequence[Tensor], found_inf: Tensor, inv_scale: Tensor) -> None:
+def validate_unscale_check(
+    op: str, grads: Sequence[Tensor], found_inf: Tensor, inv_scale: Tensor, written: bool = True
+) -> None:
     device = found_inf.device
     _check_scalar(op, "found_inf", found_inf, device, False)
     _check_scalar(op, "inv_scale", inv_scale, device, False)
-    _check_tensor_list(op, "grads", grads, device, written=True)
+    _check_tensor_list(op, "grads", grads, device, written)
+
+
+def validate_grad_norm(grads: Sequence[Tensor], inv_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    op = "grad_norm"
+    if not grads:
+        _fail(op, "grads is empty (the Python wrapper handles empty lists)")
+    device = grads[0].device
+    _check_tensor_list(op, "grads", grads, device, written=False)
+    if inv_scale is not None:
+        _check_scalar(op, "inv_scale", inv_scale, device, False)
+    if found_inf is not None:
+        _check_scalar(op, "found_inf", found_inf, device, False)
+
+
+def validate_clip_coef(total_norm: Tensor, max_norm: float, eps: float) -> None:
+    op = "clip_coef"
+    _check_scalar(op, "total_norm", total_norm, total_norm.device, True)
+    if max_norm < 0:
+        _fail(op, f"max_norm must be non-negative, got {max_norm}")
+    if eps < 0:
+        _fail(op, f"eps must be non-negative, got {eps}")
+
+
+def validate_scale(tensors: Sequence[Tensor], factor: Tensor, found_inf: Optional[Tensor], written: bool = True) -> None:
+    op = "scale_"
+    device = factor.device
+    _check_scalar(op, "factor", factor, device, device.type == "cpu")
+    if found_inf is not None:
+        _check_scalar(op, "found_inf", found_inf, device, False)
+    _check_tensor_list(op, "tensors", tensors, device, written)
+
+
+def validate_update_scale(
+    scale: Tensor,
+    growth_tracker: Tensor,
+    found_inf: Tensor,
+    hysteresis: int,
+    hysteresis_tracker: Optional[Tensor],
+    min_scale: float,
+    max_scale: float,
+) -> None:
+    op = "update_scale_"
+    device = scale.device
+    _check_scalar(op, "scale", scale, device, False)
+    _check_int(op, "growth_tracker", growth_tracker, device)
+    _check_scalar(op, "found_inf", found_inf, device, False)
+    if hysteresis < 1:
+        _fail(op, f"hysteresis must be >= 1, got {hysteresis}")
+    if hysteresis != 1 and hysteresis_tracker is None:
+        _fail(op, f"hysteresis={hysteresis} needs a hysteresis_tracker (a 1-element torch.int32 tensor)")
+    if hysteresis_tracker is not None:
+        _check_int(op, "hysteresis_tracker", hysteresis_tracker, device)
+    if not (0.0 <= min_scale <= max_scale):
+        _fail(op, f"need 0 <= min_scale <= max_scale, got min_scale={min_scale}, max_scale={max_scale}")
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -128,7 +194,7 @@ def _norms(values: Sequence[Tensor], dtype: torch.dtype, device: torch.device, p
 
 def unscale_check_(grads: Sequence[Tensor], found_inf: Tensor, inv_scale: Tensor) -> None:
     """Reference for :func:`fastamp.ops.unscale_check_`."""
-    _validate_unscale_check("unscale_check_", grads, found_inf, inv_scale)
+    validate_unscale_check("unscale_check_", grads, found_inf, inv_scale)
     flag = _any_nonfinite(grads)
     for g in grads:
         g.copy_(_unscaled(g, inv_scale).to(g.dtype))
@@ -142,15 +208,9 @@ def grad_norm(
     per_tensor: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Reference for :func:`fastamp.ops.grad_norm` (per-tensor norms: an empty tensor unless asked)."""
-    op = "grad_norm"
-    if not grads:
-        _fail(op, "grads is empty (the Python wrapper handles empty lists)")
+    validate_grad_norm(grads, inv_scale, found_inf)
     device = grads[0].device
-    _check_tensor_list(op, "grads", grads, device, written=False)
-    if inv_scale is not None:
-        _check_scalar(op, "inv_scale", inv_scale, device, False)
     if found_inf is not None:
-        _check_scalar(op, "found_inf", found_inf, device, False)
         _set_found_inf(found_inf, _any_nonfinite(grads))
     values = [g if inv_scale is None else g.to(_opmath(g.dtype)) * inv_scale.reshape(()).to(_opmath(g.dtype)) for g in grads]
     return _norms(values, norm_dtype(list(grads)), device, per_tensor)
@@ -160,7 +220,7 @@ def unscale_check_norm_(
     grads: Sequence[Tensor], found_inf: Tensor, inv_scale: Tensor, per_tensor: bool = False
 ) -> Tuple[Tensor, Tensor]:
     """Reference for :func:`fastamp.ops.unscale_check_norm_`: the norm is of the grads as written."""
-    _validate_unscale_check("unscale_check_norm_", grads, found_inf, inv_scale)
+    validate_unscale_check("unscale_check_norm_", grads, found_inf, inv_scale)
     flag = _any_nonfinite(grads)
     for g in grads:
         g.copy_(_unscaled(g, inv_scale).to(g.dtype))
@@ -170,24 +230,14 @@ def unscale_check_norm_(
 
 def clip_coef(total_norm: Tensor, max_norm: float, eps: float = 1e-6) -> Tensor:
     """Reference for :func:`fastamp.ops.clip_coef`: clamp(max_norm / (norm + eps), max=1), as clip_grad_norm_."""
-    op = "clip_coef"
-    _check_scalar(op, "total_norm", total_norm, total_norm.device, True)
-    if max_norm < 0:
-        _fail(op, f"max_norm must be non-negative, got {max_norm}")
-    if eps < 0:
-        _fail(op, f"eps must be non-negative, got {eps}")
+    validate_clip_coef(total_norm, max_norm, eps)
     norm = total_norm.reshape(())
     return ((norm + eps).reciprocal() * max_norm).clamp(max=1.0)
 
 
 def scale_(tensors: Sequence[Tensor], factor: Tensor, found_inf: Optional[Tensor] = None) -> None:
     """Reference for :func:`fastamp.ops.scale_`: t *= factor unless found_inf is set."""
-    op = "scale_"
-    device = factor.device
-    _check_scalar(op, "factor", factor, device, device.type == "cpu")
-    if found_inf is not None:
-        _check_scalar(op, "found_inf", found_inf, device, False)
-    _check_tensor_list(op, "tensors", tensors, device, written=True)
+    validate_scale(tensors, factor, found_inf)
     for t in tensors:
         a = _opmath(t.dtype)
         scaled = (t.to(a) * factor.reshape(()).to(a)).to(t.dtype)
@@ -209,19 +259,7 @@ def update_scale_(
     max_scale: float = math.inf,
 ) -> None:
     """Reference for :func:`fastamp.ops.update_scale_` (double arithmetic, as torch._amp_update_scale_)."""
-    op = "update_scale_"
-    device = scale.device
-    _check_scalar(op, "scale", scale, device, False)
-    _check_int(op, "growth_tracker", growth_tracker, device)
-    _check_scalar(op, "found_inf", found_inf, device, False)
-    if hysteresis < 1:
-        _fail(op, f"hysteresis must be >= 1, got {hysteresis}")
-    if hysteresis != 1 and hysteresis_tracker is None:
-        _fail(op, f"hysteresis={hysteresis} needs a hysteresis_tracker (a 1-element torch.int32 tensor)")
-    if hysteresis_tracker is not None:
-        _check_int(op, "hysteresis_tracker", hysteresis_tracker, device)
-    if not (0.0 <= min_scale <= max_scale):
-        _fail(op, f"need 0 <= min_scale <= max_scale, got min_scale={min_scale}, max_scale={max_scale}")
+    validate_update_scale(scale, growth_tracker, found_inf, hysteresis, hysteresis_tracker, min_scale, max_scale)
 
     current = scale.reshape(())
     overflow = found_inf.reshape(()) != 0
