@@ -60,7 +60,7 @@ def extension_status() -> Dict[str, Any]:
         "extension_path": EXTENSION["path"],
         "cpu_kernels": EXTENSION["loaded"] and "CPU" not in _REFERENCE_KEYS,
         "cuda_kernels": EXTENSION["loaded"] and "CUDA" not in _REFERENCE_KEYS,
-        "cuda_archs": list(getattr(module, "cuda_archs", "").split(";")) if module and getattr(module, "cuda_archs", "") else [],
+        "cuda_archs": getattr(module, "cuda_archs", "").split(",") if getattr(module, "cuda_archs", "") else [],
         "compiled_cuda_version": getattr(module, "cuda_version", None) or None,
         "compiled_torch_version": getattr(module, "torch_version", None),
         "openmp": bool(getattr(module, "openmp", 0)) if module else False,

@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> grad_norm(at::TensorList grads, const std::op
                                              const std::optional<at::Tensor>& found_inf, bool per_tensor) {
   const float inv = inv_scale.has_value() ? inv_scale->item<float>() : 1.0f;
   const bool check = found_inf.has_value();
-  FlatTensors flat(grads);
+  FlatTensors flat(grads, kChunkSize, INT64_MAX, INT64_MAX);
   std::vector<double> partials(flat.plan.total_blocks, 0.0);
   std::atomic<bool> any_nonfinite{false};
   parallel_for_each_chunk(flat, [&](int64_t t, int64_t first, int64_t count, int64_t block) {
@@ -89,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> grad_norm(at::TensorList grads, const std::op
 std::tuple<at::Tensor, at::Tensor> unscale_check_norm_(at::TensorList grads, at::Tensor& found_inf,
                                                        const at::Tensor& inv_scale, bool per_tensor) {
   const float inv = inv_scale.item<float>();
-  FlatTensors flat(grads);
+  FlatTensors flat(grads, kChunkSize, INT64_MAX, INT64_MAX);
   std::vector<double> partials(flat.plan.total_blocks, 0.0);
   std::atomic<bool> any_nonfinite{false};
   parallel_for_each_chunk(flat, [&](int64_t t, int64_t first, int64_t count, int64_t block) {

@@ -13,6 +13,7 @@
 #include <c10/util/Half.h>
 
 #include "../functors.h"
+#include "../flat_tensors.h"
 #include "../multi_tensor_plan.h"
 
 namespace fastamp::cpu {
@@ -22,36 +23,6 @@ constexpr int64_t kChunkSize = 65536;
 // Independent accumulators per chunk: breaks the add dependency chain so the loop vectorizes, and
 // keeps a fixed summation order.
 constexpr int kLanes = 16;
-
-// A tensor list as flat memory. Dense tensors (contiguous or only permuted) are used where they lie;
-// anything else (strided slices) is copied to a contiguous buffer, which in-place ops write back.
-struct FlatTensors {
-  std::vector<at::Tensor> dense;
-  std::vector<size_t> copied;
-  MultiTensorPlan plan;
-
-  explicit FlatTensors(at::TensorList tensors) {
-    dense.reserve(tensors.size());
-    std::vector<int64_t> numels;
-    numels.reserve(tensors.size());
-    for (size_t i = 0; i < tensors.size(); ++i) {
-      const at::Tensor& t = tensors[i];
-      if (t.is_non_overlapping_and_dense()) {
-        dense.push_back(t);
-      } else {
-        dense.push_back(t.contiguous());
-        copied.push_back(i);
-      }
-      numels.push_back(t.numel());
-    }
-    plan = plan_multi_tensor(numels, kChunkSize, INT64_MAX, INT64_MAX);
-  }
-
-  // For in-place ops: copy results computed in contiguous buffers back into the strided originals.
-  void write_back(at::TensorList originals) const {
-    for (size_t i : copied) originals[i].copy_(dense[i]);
-  }
-};
 
 // Calls f(tensor_index, first_element, element_count, global_block) for every chunk, in parallel.
 template <typename F>

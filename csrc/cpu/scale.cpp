@@ -17,7 +17,7 @@ void scale_chunk(T* data, int64_t count, const Scale<T>& scale) {
 void scale_(at::TensorList tensors, const at::Tensor& factor, const std::optional<at::Tensor>& found_inf) {
   if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;
   const double f = factor.item<double>();
-  FlatTensors flat(tensors);
+  FlatTensors flat(tensors, kChunkSize, INT64_MAX, INT64_MAX);
   parallel_for_each_chunk(flat, [&](int64_t t, int64_t first, int64_t count, int64_t) {
     const at::Tensor& x = flat.dense[t];
     dispatch_grad_dtype(x.scalar_type(), [&](auto* tag) {

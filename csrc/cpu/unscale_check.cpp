@@ -33,7 +33,7 @@ bool unscale_chunk(T* data, int64_t count, const Unscale<T>& unscale) {
 
 void unscale_check_(at::TensorList grads, at::Tensor& found_inf, const at::Tensor& inv_scale) {
   const float inv = inv_scale.item<float>();
-  FlatTensors flat(grads);
+  FlatTensors flat(grads, kChunkSize, INT64_MAX, INT64_MAX);
   std::atomic<bool> any_nonfinite{false};
   parallel_for_each_chunk(flat, [&](int64_t t, int64_t first, int64_t count, int64_t) {
     const at::Tensor& g = flat.dense[t];

@@ -1,0 +1,52 @@
+# Each target does all the set-up it needs, from a fresh clone on a fresh machine:
+#   make demo   builds fastamp in .venv and runs the main job
+#   make test   builds fastamp in .venv and runs the whole test suite (slow cases included)
+# Re-running is quick: nothing is reinstalled or rebuilt unless its inputs changed.
+#
+# TORCH_SPEC picks torch. The default is the CUDA 13.0 build (matches nvcc 13.0, runs on CPU too), so
+# the CUDA kernels compile wherever nvcc is found; TORCH_SPEC=torch==2.13.0 gives a lean CPU-only set-up.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.14.1
+MAX_JOBS ?= 2
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+DEPS_STAMP := $(VENV)/.deps-$(subst =,_,$(subst /,_,$(TORCH_SPEC)))
+BUILD_STAMP := $(VENV)/.build-$(subst =,_,$(subst /,_,$(TORCH_SPEC)))
+SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \)) setup.py pyproject.toml
+
+export MAX_JOBS
+
+.PHONY: demo test test-fast bench info clean
+
+demo: $(BUILD_STAMP)
+	$(VENV)/bin/fastamp info
+
+info: $(BUILD_STAMP)
+	$(VENV)/bin/fastamp info
+
+test: $(BUILD_STAMP)
+	FASTAMP_EXPECT_EXTENSION=1 FASTAMP_EXPECT_CUDA_KERNELS=$$($(PY) -c 'import setup; print(int(setup.cuda_build_expected()))') \
+		$(PY) -m pytest tests
+
+test-fast: $(BUILD_STAMP)
+	FASTAMP_EXPECT_EXTENSION=1 $(PY) -m pytest tests -m "not slow"
+
+bench: $(BUILD_STAMP)
+	$(PY) -m pytest benchmarks --benchmark-only
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): $(PY)
+	rm -f $(VENV)/.deps-* $(VENV)/.build-*
+	$(PIP) install -q "$(TORCH_SPEC)" numpy pytest pytest-benchmark hypothesis ninja setuptools wheel
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+clean:
+	rm -rf build fastamp/_C*.so $(VENV)/.build-*

@@ -1,0 +1,67 @@
+// The interface between the CUDA registration (ops.cpp, host C++ with ATen) and the kernels (*.cu,
+// compiled by nvcc without ATen, which keeps the CUDA build fast). Everything here is raw pointers,
+// the plan and a stream: no tensor ever crosses this line and no device value is read on the host.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <cuda_runtime_api.h>
+
+#include "../multi_tensor_plan.h"
+
+namespace fastamp::cuda {
+
+constexpr int64_t kChunkSize = 65536;
+
+// Launch capacity: what fits in one kernel's parameters. CUDA 12.1+ gives kernels on Volta and newer
+// 32,764 bytes of parameters (setup.py defines FASTAMP_LARGE_KERNEL_PARAMS when every compiled arch
+// allows it); the classic limit is 4,096 bytes.
+#if FASTAMP_LARGE_KERNEL_PARAMS
+constexpr int kMaxTensorsPerLaunch = 768;
+constexpr int kMaxBlocksPerLaunch = 1536;
+constexpr int kMaxTensorsPerNormLaunch = 2000;
+#else
+constexpr int kMaxTensorsPerLaunch = 96;
+constexpr int kMaxBlocksPerLaunch = 192;
+constexpr int kMaxTensorsPerNormLaunch = 240;
+#endif
+
+enum class DType : uint8_t { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
+
+struct DeviceTensor {
+  void* data;
+  int64_t numel;
+  DType dtype;
+};
+
+// g *= *inv_scale in place; *found_inf = 1 if any g was non-finite.
+void launch_unscale_check(const std::vector<DeviceTensor>& tensors, const MultiTensorPlan& plan, float* found_inf,
+                          const float* inv_scale, cudaStream_t stream);
+
+// partials[block] = sum over the block's chunk of (g * inv_scale)^2 (inv_scale may be null). When
+// found_inf is not null it is set if any g is non-finite.
+void launch_sum_squares(const std::vector<DeviceTensor>& tensors, const MultiTensorPlan& plan, const float* inv_scale,
+                        float* found_inf, float* partials, cudaStream_t stream);
+
+// Unscale in place (as launch_unscale_check) and partials[block] = sum of squares of the written values.
+void launch_unscale_sum_squares(const std::vector<DeviceTensor>& tensors, const MultiTensorPlan& plan,
+                                float* found_inf, const float* inv_scale, float* partials, cudaStream_t stream);
+
+// Fixed-order second stage: total = sqrt(sum of partials); with per_tensor_out, each tensor's norm from
+// its block range (per_tensor_sums is an fp64 workspace of one entry per tensor).
+void launch_finish_norms(const float* partials, const MultiTensorPlan& plan, double* per_tensor_sums,
+                         float* total_out, float* per_tensor_out, cudaStream_t stream);
+
+// t *= *factor in place, unless found_inf (may be null) is set.
+void launch_scale(const std::vector<DeviceTensor>& tensors, const MultiTensorPlan& plan, const float* factor,
+                  const float* found_inf, cudaStream_t stream);
+
+// *coef = min(1, max_norm / (*total_norm + eps)) in the norm's precision (fp32, or fp64 when fp64).
+void launch_clip_coef(const void* total_norm, void* coef, bool fp64, double max_norm, double eps, cudaStream_t stream);
+
+void launch_update_scale(float* scale, int32_t* growth_tracker, const float* found_inf, double growth_factor,
+                         double backoff_factor, int64_t growth_interval, int64_t hysteresis,
+                         int32_t* hysteresis_tracker, double min_scale, double max_scale, cudaStream_t stream);
+
+}  // namespace fastamp::cuda
