@@ -1,0 +1,58 @@
+"""What can be checked of the CUDA kernels without a GPU: they compile for sm_90 with no register
+spills, and the aligned path uses 128-bit loads and stores (visible in the SASS)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import setup as fastamp_setup  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(torch.version.cuda is None or fastamp_setup.find_cuda_home() is None,
+                       reason="needs a CUDA build of torch and a CUDA toolkit"),
+]
+
+CU_FILES = sorted(glob.glob(str(ROOT / "csrc" / "cuda" / "*.cu")))
+
+
+def _cuobjdump():
+    candidates = [shutil.which("cuobjdump"), os.path.join(fastamp_setup.find_cuda_home() or "", "bin", "cuobjdump")]
+    candidates += glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "triton", "backends", "nvidia", "bin", "cuobjdump"))
+    return next((c for c in candidates if c and os.path.isfile(c)), None)
+
+
+@pytest.mark.parametrize("source", CU_FILES, ids=[os.path.basename(f) for f in CU_FILES])
+def test_kernels_compile_without_spills_and_use_128_bit_accesses(source, tmp_path):
+    from torch.utils.cpp_extension import include_paths
+
+    nvcc = os.path.join(fastamp_setup.find_cuda_home(), "bin", "nvcc")
+    cubin = tmp_path / "kernels.cubin"
+    includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    command = [nvcc, "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DFASTAMP_LARGE_KERNEL_PARAMS=1",
+               "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(cubin), source, *includes]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
+    assert spills, result.stderr[-2000:]
+    assert all(int(s) == 0 and int(l) == 0 for s, l in spills), result.stderr
+    cuobjdump = _cuobjdump()
+    if cuobjdump is None or "multi_tensor_kernel" not in result.stderr:
+        return
+    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True).stdout
+    functions = re.split(r"\n\s*Function : ", sass)
+    for function in functions:
+        if "multi_tensor_kernel" in function.split("\n", 1)[0]:
+            assert "LDG.E.128" in function, function.split("\n", 1)[0]
