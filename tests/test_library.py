@@ -132,3 +132,31 @@ def test_cli_info_runs():
     out = subprocess.run([sys.executable, "-m", "fastamp.cli", "info", "--json"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert '"extension_loaded"' in out.stdout
+
+
+def test_portable_cpu_loops_match_torch():
+    """The SIMD loops run as AVX2 where the CPU has it; FASTAMP_CPU_PORTABLE=1 covers the portable build."""
+    code = """
+import math, torch
+from fastamp import ops
+torch.manual_seed(0)
+grads = [torch.randn(n) * 100 for n in (0, 1, 17, 65537, 200000)]
+grads[3][-1] = math.nan
+ours, theirs = [g.clone() for g in grads], [g.clone() for g in grads]
+f1, f2 = torch.zeros(1), torch.zeros(1)
+ops.unscale_check_(ours, f1, torch.tensor([0.37]))
+torch._amp_foreach_non_finite_check_and_unscale_(theirs, f2, torch.tensor([0.37]))
+assert f1.item() == f2.item() == 1.0
+assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(ours, theirs))
+clean = [torch.randn(n).to(torch.bfloat16) for n in (3, 70000)]
+total, _ = ops.grad_norm(clean, torch.tensor([0.5]))
+expected = torch.linalg.vector_norm(torch.cat([c.double() for c in clean]) * 0.5)
+assert abs(total.item() - expected.item()) <= 2e-6 * expected.item()
+scaled = [c.clone() for c in clean]
+ops.scale_(scaled, torch.tensor([0.3]))
+assert all(torch.equal(s, (c.float() * 0.3).to(torch.bfloat16)) for s, c in zip(scaled, clean))
+print("ok")
+"""
+    env = dict(os.environ, FASTAMP_CPU_PORTABLE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr

@@ -9,6 +9,7 @@
 #include "../checks.h"
 #include "kernels.h"
 #include "multi_tensor_cpu.h"
+#include "simd.h"
 
 namespace fastamp::cpu {
 
@@ -17,8 +18,11 @@ namespace {
 // Sum of squares of g * inv_scale over one chunk.
 template <typename T>
 double sum_squares_chunk(const T* data, int64_t count, opmath_t<T> inv_scale) {
-  using A = opmath_t<T>;
-  return sum_squares_cascade<A>(count, [&](int64_t i, int) { return static_cast<A>(data[i]) * inv_scale; });
+  if constexpr (std::is_same_v<T, double>) {
+    return sum_squares_cascade<double>(count, [&](int64_t i, int) { return data[i] * inv_scale; });
+  } else {
+    return simd::dispatch_sum_squares(data, count, inv_scale);
+  }
 }
 
 // Unscales one chunk in place and returns the sum of squares of the values as written (rounded to T);
@@ -26,16 +30,22 @@ double sum_squares_chunk(const T* data, int64_t count, opmath_t<T> inv_scale) {
 template <typename T>
 double unscale_sum_squares_chunk(T* data, int64_t count, const Unscale<T>& unscale, bool* nonfinite) {
   using A = opmath_t<T>;
-  A probes[kLanes] = {};
-  const double sum = sum_squares_cascade<A>(count, [&](int64_t i, int lane) {
-    const T g = data[i];
-    probes[lane] += nonfinite_probe(static_cast<A>(g));
-    const T u = unscale(g);
-    data[i] = u;
-    return static_cast<A>(u);
-  });
-  *nonfinite = !is_finite_value(sum_lanes(probes));
-  return sum;
+  if constexpr (std::is_same_v<T, double>) {
+    A probes[kLanes] = {};
+    const double sum = sum_squares_cascade<A>(count, [&](int64_t i, int lane) {
+      const T g = data[i];
+      probes[lane] += nonfinite_probe(static_cast<A>(g));
+      const T u = unscale(g);
+      data[i] = u;
+      return static_cast<A>(u);
+    });
+    *nonfinite = !is_finite_value(sum_lanes(probes));
+    return sum;
+  } else {
+    double sum = 0.0;
+    *nonfinite = simd::dispatch_unscale<T, true>(data, count, unscale.inv_scale, &sum);
+    return sum;
+  }
 }
 
 // Second stage, in fixed order: per-tensor sums of the block partials, then their total.

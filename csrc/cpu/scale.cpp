@@ -2,6 +2,7 @@
 // the tensors must stay bit-identical).
 #include "kernels.h"
 #include "multi_tensor_cpu.h"
+#include "simd.h"
 
 namespace fastamp::cpu {
 
@@ -9,6 +10,10 @@ namespace {
 
 template <typename T>
 void scale_chunk(T* data, int64_t count, const Scale<T>& scale) {
+  if constexpr (!std::is_same_v<T, double>) {
+    simd::dispatch_scale(data, count, scale.factor);
+    return;
+  }
   for (int64_t i = 0; i < count; ++i) data[i] = scale(data[i]);
 }
 

@@ -3,6 +3,7 @@
 
 #include "kernels.h"
 #include "multi_tensor_cpu.h"
+#include "simd.h"
 
 namespace fastamp::cpu {
 
@@ -12,6 +13,9 @@ namespace {
 template <typename T>
 bool unscale_chunk(T* data, int64_t count, const Unscale<T>& unscale) {
   using A = opmath_t<T>;
+  if constexpr (!std::is_same_v<T, double>) {
+    return simd::dispatch_unscale<T, false>(data, count, unscale.inv_scale, nullptr);
+  }
   A probes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= count; i += kLanes) {
