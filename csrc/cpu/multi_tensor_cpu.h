@@ -25,13 +25,16 @@ constexpr int64_t kChunkSize = 65536;
 constexpr int kLanes = 16;
 
 // Calls f(tensor_index, first_element, element_count, global_block) for every chunk, in parallel.
+// With reverse, each thread walks its range of chunks backwards: an op that follows a full pass over
+// the same tensors (scale_ after grad_norm) then starts on the chunks still in the last-level cache.
 template <typename F>
-void parallel_for_each_chunk(const FlatTensors& flat, const F& f) {
+void parallel_for_each_chunk(const FlatTensors& flat, const F& f, bool reverse = false) {
   if (flat.plan.launches.empty()) return;
   const Launch& launch = flat.plan.launches.front();
   const int64_t blocks = static_cast<int64_t>(launch.block_slot.size());
   auto body = [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t b = reverse ? begin + end - 1 - k : k;
       const int64_t tensor = launch.tensors[launch.block_slot[b]];
       const int64_t first = launch.block_chunk[b] * flat.plan.chunk_size;
       const int64_t count = std::min(flat.plan.chunk_size, flat.dense[tensor].numel() - first);

@@ -30,7 +30,7 @@ void scale_(at::TensorList tensors, const at::Tensor& factor, const std::optiona
       const Scale<T> scale{static_cast<opmath_t<T>>(f)};
       scale_chunk(static_cast<T*>(x.data_ptr()) + first, count, scale);
     });
-  });
+  }, /*reverse=*/true);
   flat.write_back(tensors);
 }
 
