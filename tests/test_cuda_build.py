@@ -34,14 +34,15 @@ def _cuobjdump():
     return next((c for c in candidates if c and os.path.isfile(c)), None)
 
 
+@pytest.mark.parametrize("large_params", [1, 0], ids=["32KB-params", "4KB-params"])
 @pytest.mark.parametrize("source", CU_FILES, ids=[os.path.basename(f) for f in CU_FILES])
-def test_kernels_compile_without_spills_and_use_128_bit_accesses(source, tmp_path):
+def test_kernels_compile_without_spills_and_use_128_bit_accesses(source, large_params, tmp_path):
     from torch.utils.cpp_extension import include_paths
 
     nvcc = os.path.join(fastamp_setup.find_cuda_home(), "bin", "nvcc")
     cubin = tmp_path / "kernels.cubin"
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
-    command = [nvcc, "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DFASTAMP_LARGE_KERNEL_PARAMS=1",
+    command = [nvcc, "-O3", "-std=c++17", "--expt-relaxed-constexpr", f"-DFASTAMP_LARGE_KERNEL_PARAMS={large_params}",
                "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(cubin), source, *includes]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -72,6 +72,12 @@ struct TensorRanges {
   int32_t count;
 };
 
+#if FASTAMP_LARGE_KERNEL_PARAMS
+static_assert(sizeof(TensorRanges) <= 32764, "TensorRanges exceeds the 32 KB kernel parameter limit");
+#else
+static_assert(sizeof(TensorRanges) <= 4096, "TensorRanges exceeds the 4 KB kernel parameter limit");
+#endif
+
 // One warp per tensor: lanes stride over the tensor's partials in order, then a fixed shuffle tree.
 __global__ void per_tensor_sums_kernel(const FASTAMP_GRID_CONSTANT TensorRanges ranges, const float* partials,
                                        double* per_tensor_sums) {

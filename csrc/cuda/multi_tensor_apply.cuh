@@ -39,6 +39,13 @@ struct TensorListArgs {
   int64_t first_block;
 };
 
+// Leave room for the op's own parameters (a few pointers) within the kernel parameter limit.
+#if FASTAMP_LARGE_KERNEL_PARAMS
+static_assert(sizeof(TensorListArgs) + 256 <= 32764, "TensorListArgs exceeds the 32 KB kernel parameter limit");
+#else
+static_assert(sizeof(TensorListArgs) + 256 <= 4096, "TensorListArgs exceeds the 4 KB kernel parameter limit");
+#endif
+
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];
