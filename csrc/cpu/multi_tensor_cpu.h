@@ -15,6 +15,7 @@
 #include "../functors.h"
 #include "../flat_tensors.h"
 #include "../multi_tensor_plan.h"
+#include "simd.h"
 
 namespace fastamp::cpu {
 
@@ -70,7 +71,7 @@ inline A sum_lanes(A (&lanes)[kLanes]) {
 
 // Elements per sub-block: each sub-block is summed in opmath over kLanes lanes (64 adds per lane), and
 // sub-block sums are added in fp64. Cascading keeps fp32 rounding error near 64 ulps, not 4096.
-constexpr int64_t kSubBlock = 1024;
+using simd::kSubBlock;
 
 // Sum over [0, count) of value_at(i, lane)^2, in a fixed order. value_at may also write element i.
 template <typename A, typename F>
