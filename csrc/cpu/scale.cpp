@@ -12,9 +12,9 @@ template <typename T>
 void scale_chunk(T* data, int64_t count, const Scale<T>& scale) {
   if constexpr (!std::is_same_v<T, double>) {
     simd::dispatch_scale(data, count, scale.factor);
-    return;
+  } else {
+    for (int64_t i = 0; i < count; ++i) data[i] = scale(data[i]);
   }
-  for (int64_t i = 0; i < count; ++i) data[i] = scale(data[i]);
 }
 
 }  // namespace

@@ -12,25 +12,23 @@ namespace {
 // Unscales one chunk in place; returns whether any original element was non-finite.
 template <typename T>
 bool unscale_chunk(T* data, int64_t count, const Unscale<T>& unscale) {
-  using A = opmath_t<T>;
   if constexpr (!std::is_same_v<T, double>) {
     return simd::dispatch_unscale<T, false>(data, count, unscale.inv_scale, nullptr);
-  }
-  A probes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= count; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const T g = data[i + l];
-      probes[l] += nonfinite_probe(static_cast<A>(g));
-      data[i + l] = unscale(g);
+  } else {
+    double probes[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= count; i += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        probes[l] += nonfinite_probe(data[i + l]);
+        data[i + l] = unscale(data[i + l]);
+      }
     }
+    for (; i < count; ++i) {
+      probes[0] += nonfinite_probe(data[i]);
+      data[i] = unscale(data[i]);
+    }
+    return !is_finite_value(sum_lanes(probes));
   }
-  for (; i < count; ++i) {
-    const T g = data[i];
-    probes[0] += nonfinite_probe(static_cast<A>(g));
-    data[i] = unscale(g);
-  }
-  return !is_finite_value(sum_lanes(probes));
 }
 
 }  // namespace
