@@ -8,10 +8,11 @@ import torch
 
 from . import ops
 from ._extension import extension_status
+from .grad_scaler import GradScaler
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "build_info", "has_cuda_kernels", "ops"]
+__all__ = ["GradScaler", "__version__", "build_info", "has_cuda_kernels", "ops"]
 
 
 def has_cuda_kernels() -> bool:

@@ -1,0 +1,611 @@
+"""fastamp.GradScaler: a drop-in for ``torch.amp.GradScaler`` on fastamp's fused, sync-free ops.
+
+Everything ``torch.amp.GradScaler`` defines behaves the same (constructor, methods, errors,
+``state_dict`` keys, pickling, the per-optimizer stages); for fp32 gradients the scale sequence, the
+skipped steps and the parameters are bit-identical to PyTorch's. On top of that:
+
+* fp16 and bf16 gradients are unscaled (PyTorch refuses fp16 grads);
+* :meth:`GradScaler.clip_grad_norm_` replaces ``unscale_`` + ``torch.nn.utils.clip_grad_norm_``: one
+  read pass gives found_inf and the norm of the unscaled grads, one write pass unscales and clips;
+  with ``fused=True`` optimizers even that write is folded into the optimizer's own ``grad_scale``;
+* hysteresis, ``min_scale`` and ``max_scale``, all applied on the device;
+* ``found_inf``, :meth:`~GradScaler.last_step_skipped`, step counters and
+  :meth:`~GradScaler.overflow_report` to see which steps were skipped and why.
+
+Host syncs: none with fused optimizers (``torch.optim.Adam/AdamW/SGD(fused=True)``); otherwise one
+per :meth:`~GradScaler.step` that has to decide whether to call ``optimizer.step()``, and that one
+read covers every optimizer already unscaled in the iteration (PyTorch reads once per optimizer and
+device). Unscale optimizers together (``clip_grad_norm_([opt_a, opt_b], ...)`` or ``unscale_`` on each)
+and the whole iteration costs one sync.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections import defaultdict
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state
+
+from . import ops
+
+__all__ = ["GradScaler", "OptState"]
+
+OptimizerOrList = Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]]
+NamedTensors = Union[torch.nn.Module, Mapping[str, Optional[Tensor]], Iterable[Tuple[str, Optional[Tensor]]]]
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernel_handles(grad: Tensor) -> bool:
+    """Whether fastamp's ops take this gradient (fp64 only on CPU); the rest go to PyTorch's ops."""
+    return grad.dtype in _KERNEL_DTYPES or (grad.dtype == torch.float64 and grad.device.type == "cpu")
+
+
+class _PerDevice:
+    """Copies of a scalar tensor on each device that asks, made once (non-blocking)."""
+
+    def __init__(self, master: Tensor) -> None:
+        self.master = master
+        self._copies: Dict[torch.device, Tensor] = {master.device: master}
+
+    def get(self, device: torch.device) -> Tensor:
+        copy = self._copies.get(device)
+        if copy is None:
+            copy = self.master.to(device=device, non_blocking=True, copy=True)
+            self._copies[device] = copy
+        return copy
+
+
+class GradScaler(torch.amp.GradScaler):
+    """Dynamic loss scaling, as ``torch.amp.GradScaler``, on fused kernels with no host syncs.
+
+    Replace ``torch.amp.GradScaler(...)`` with ``fastamp.GradScaler(...)`` and change nothing else.
+    It subclasses PyTorch's scaler, so code that checks ``isinstance(scaler, torch.amp.GradScaler)``
+    (Lightning, FSDP helpers) accepts it.
+
+    Args:
+        device: device type of the scale ("cuda" or "cpu"); with "cuda" and no CUDA the scaler
+            disables itself with a warning, as PyTorch's does.
+        init_scale, growth_factor, backoff_factor, growth_interval, enabled: as in PyTorch.
+        hysteresis: number of consecutive overflowing steps tolerated before the scale backs off
+            (Megatron/DeepSpeed's hysteresis). 1, the default, backs off on every overflow like PyTorch.
+            A step with an overflow is skipped either way.
+        min_scale: the scale never backs off below this (default 0: PyTorch's behaviour).
+        max_scale: the scale never grows above this (default inf; growth to inf never happens).
+    """
+
+    def __init__(
+        self,
+        device: str = "cuda",
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+        enabled: bool = True,
+        *,
+        hysteresis: int = 1,
+        min_scale: float = 0.0,
+        max_scale: float = math.inf,
+    ) -> None:
+        super().__init__(device, init_scale, growth_factor, backoff_factor, growth_interval, enabled)
+        if isinstance(hysteresis, bool) or not isinstance(hysteresis, int) or hysteresis < 1:
+            raise ValueError(f"fastamp.GradScaler: hysteresis must be an int >= 1, got {hysteresis!r}")
+        if not (0.0 <= min_scale <= max_scale) or math.isnan(max_scale):
+            raise ValueError(
+                f"fastamp.GradScaler: need 0 <= min_scale <= max_scale, got min_scale={min_scale!r}, "
+                f"max_scale={max_scale!r}"
+            )
+        self._hysteresis = hysteresis
+        self._min_scale = float(min_scale)
+        self._max_scale = float(max_scale)
+        self._init_hysteresis_tracker = hysteresis
+        self._hysteresis_tracker: Optional[Tensor] = None
+        # Counters: iterations ended by update() (host int, no sync) and how many of them found inf/nan
+        # (a device tensor, read only when asked).
+        self._num_steps = 0
+        self._init_skipped_steps = 0
+        self._skipped_steps: Optional[Tensor] = None
+        self._last_found_inf: Optional[Tensor] = None
+
+    # ---- lazily created device state ---------------------------------------------------------------
+
+    def _lazy_init_scale_growth_tracker(self, dev: torch.device) -> None:
+        super()._lazy_init_scale_growth_tracker(dev)
+        self._hysteresis_tracker = torch.full((), self._init_hysteresis_tracker, dtype=torch.int32, device=dev)
+        self._skipped_steps = torch.full((), self._init_skipped_steps, dtype=torch.int64, device=dev)
+
+    def _inv_scale(self) -> Tensor:
+        # The reciprocal in fp64, as PyTorch takes it, so that unscaled fp32 grads match it bit for bit.
+        assert self._scale is not None
+        return self._scale.double().reciprocal().float()
+
+    def _new_found_inf(self) -> Tensor:
+        assert self._scale is not None
+        return torch.zeros((), dtype=torch.float32, device=self._scale.device)
+
+    # ---- gradients --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _grads_by_device(optimizers: Sequence[torch.optim.Optimizer]) -> Dict[torch.device, List[Tensor]]:
+        """The gradients the optimizers own, grouped by device (sparse grads: their values)."""
+        by_device: Dict[torch.device, List[Tensor]] = defaultdict(list)
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if not isinstance(param, Tensor):
+                        raise AssertionError(f"expected param to be torch.Tensor, got {type(param).__name__}")
+                    grad = param.grad
+                    if grad is None:
+                        continue
+                    if grad.is_sparse:
+                        # Duplicate indices of scaled fp16 values can overflow when summed later;
+                        # check the coalesced values, as PyTorch does.
+                        if grad.dtype is torch.float16:
+                            param.grad = grad = grad.coalesce()
+                        grad = grad._values()
+                    by_device[grad.device].append(grad)
+        return by_device
+
+    @staticmethod
+    def _unscale_device_(grads: List[Tensor], found_inf: Tensor, inv_scale: Tensor) -> None:
+        fused = [g for g in grads if _kernel_handles(g)]
+        if fused:
+            ops.unscale_check_(fused, found_inf, inv_scale)
+        other: Dict[torch.dtype, List[Tensor]] = defaultdict(list)
+        for g in grads:
+            if not _kernel_handles(g):
+                other[g.dtype].append(g)
+        for same_dtype in other.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(same_dtype, found_inf, inv_scale)
+
+    @staticmethod
+    def _norm_device(grads: List[Tensor], inv_scale: Optional[Tensor], found_inf: Tensor) -> Tensor:
+        """fp32 L2 norm of ``g * inv_scale`` over the grads (one read pass), setting found_inf."""
+        fused = [g for g in grads if _kernel_handles(g)]
+        total, _ = ops.grad_norm(fused, inv_scale, found_inf)
+        total = total.float()
+        other = [g for g in grads if not _kernel_handles(g)]
+        if other:
+            norms = torch._foreach_norm(other)
+            sq = torch.stack([n.double() for n in norms]).square().sum()
+            if inv_scale is not None:
+                sq = sq * inv_scale.double().square()
+            flag = torch.stack([(~torch.isfinite(g)).any() for g in other]).any()
+            found_inf.copy_(torch.where(flag, torch.ones_like(found_inf), found_inf))
+            total = (total.double().square() + sq).sqrt().float()
+        return total
+
+    def _unscale_grads_(
+        self, optimizer: torch.optim.Optimizer, inv_scale: Tensor, found_inf: Tensor, allow_fp16: bool
+    ) -> Dict[torch.device, Tensor]:
+        # Same contract as PyTorch's (per-device found_inf flags), on fastamp's kernel; fp16 is always allowed.
+        per_device_inv_scale = _PerDevice(inv_scale)
+        per_device_found_inf = _PerDevice(found_inf)
+        flags: Dict[torch.device, Tensor] = {}
+        with torch.no_grad():
+            for device, grads in self._grads_by_device([optimizer]).items():
+                flags[device] = per_device_found_inf.get(device)
+                self._unscale_device_(grads, flags[device], per_device_inv_scale.get(device))
+        return flags
+
+    def _check_inf_per_device(self, optimizer: torch.optim.Optimizer) -> Dict[torch.device, Tensor]:
+        # Read-only check for optimizers that unscale inside their own step (fused ones).
+        self._check_scale_growth_tracker("_check_inf_per_device")
+        per_device_found_inf = _PerDevice(self._new_found_inf())
+        flags: Dict[torch.device, Tensor] = {}
+        with torch.no_grad():
+            for device, grads in self._grads_by_device([optimizer]).items():
+                flags[device] = per_device_found_inf.get(device)
+                self._norm_device(grads, None, flags[device])
+        self._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = flags
+        return flags
+
+    def _combined_found_inf(self, states: Iterable[Dict[str, Any]]) -> Optional[Tensor]:
+        """0/1 flag on the scale's device: whether any of these optimizers' grads held inf/nan."""
+        assert self._scale is not None
+        flags = [
+            flag.to(device=self._scale.device, non_blocking=True)
+            for state in states
+            for flag in state["found_inf_per_device"].values()
+        ]
+        if not flags:
+            return None
+        if len(flags) == 1:
+            return flags[0]
+        return torch.stack(flags).amax()
+
+    # ---- the PyTorch API -------------------------------------------------------------------------
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Unscale the optimizer's gradients in place and record whether any held inf/nan.
+
+        As ``torch.amp.GradScaler.unscale_`` (same errors when called twice or after ``step``), in one
+        fused pass per device for all dtypes, fp16 and bf16 included. No host sync.
+        """
+        if not self._enabled:
+            return
+        self._check_scale_growth_tracker("unscale_")
+        optimizer_state = self._per_optimizer_states[id(optimizer)]
+        if optimizer_state["stage"] is OptState.UNSCALED:
+            raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
+        if optimizer_state["stage"] is OptState.STEPPED:
+            raise RuntimeError("unscale_() is being called after step().")
+        optimizer_state["found_inf_per_device"] = self._unscale_grads_(
+            optimizer, self._inv_scale(), self._new_found_inf(), True
+        )
+        optimizer_state["stage"] = OptState.UNSCALED
+
+    def _read_found_inf(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Host value of the optimizer's found_inf; one device read serves every optimizer already checked."""
+        state = self._per_optimizer_states[id(optimizer)]
+        if "found_inf_host" not in state:
+            pending = [s for s in self._per_optimizer_states.values()
+                       if s["found_inf_per_device"] and "found_inf_host" not in s]
+            flags = [self._combined_found_inf([s]) for s in pending]
+            for s, value in zip(pending, torch.stack(flags).tolist()):
+                s["found_inf_host"] = bool(value)
+        return state["found_inf_host"]
+
+    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        """Unscale (unless done already) and call ``optimizer.step(*args, **kwargs)`` unless inf/nan was found.
+
+        Returns what ``optimizer.step`` returns (``None`` when skipped). Optimizers that handle AMP
+        scaling themselves (``fused=True``) receive ``grad_scale`` and ``found_inf`` and skip on the
+        device: no host sync. A folded clip from :meth:`clip_grad_norm_` travels in ``grad_scale``.
+        """
+        if not self._enabled:
+            return optimizer.step(*args, **kwargs)
+        if "closure" in kwargs:
+            raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
+        self._check_scale_growth_tracker("step")
+        optimizer_state = self._per_optimizer_states[id(optimizer)]
+        if optimizer_state["stage"] is OptState.STEPPED:
+            raise RuntimeError("step() has already been called since the last update().")
+
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            return self._step_scaling_optimizer(optimizer, optimizer_state, args, kwargs)
+
+        if optimizer_state["stage"] is OptState.READY:
+            self.unscale_(optimizer)
+        if len(optimizer_state["found_inf_per_device"]) == 0:
+            raise AssertionError("No inf checks were recorded for this optimizer.")
+        retval = None
+        if not self._read_found_inf(optimizer):
+            retval = optimizer.step(*args, **kwargs)
+        optimizer_state["stage"] = OptState.STEPPED
+        return retval
+
+    def _step_scaling_optimizer(
+        self, optimizer: torch.optim.Optimizer, optimizer_state: Dict[str, Any], args: Tuple, kwargs: Dict
+    ) -> Any:
+        # PyTorch's contract with optimizers that unscale and skip on their own (fused Adam/AdamW/SGD):
+        # they read `grad_scale` (grads are divided by it) and `found_inf` (skip when 1).
+        kwargs_ = kwargs
+        has_grad_scaler_kwarg = "grad_scaler" in inspect.signature(optimizer.step).parameters
+        if has_grad_scaler_kwarg:
+            warnings.warn(
+                "GradScaler is going to stop passing itself as a keyword argument to the passed "
+                "optimizer. In the near future GradScaler registers `grad_scale: Tensor` and "
+                "`found_inf: Tensor` to the passed optimizer and let the optimizer use them directly.",
+                FutureWarning,
+                stacklevel=3,
+            )
+            kwargs_.update({"grad_scaler": self})
+        else:
+            if optimizer_state["stage"] is OptState.READY:
+                self._check_inf_per_device(optimizer)
+            scale = self._get_scale_async()
+            assert scale is not None
+            found_inf = self._combined_found_inf([optimizer_state])
+            if found_inf is None:
+                found_inf = self._new_found_inf()
+            if optimizer_state["stage"] is OptState.UNSCALED:
+                folded = optimizer_state.get("grad_scale")
+                optimizer.grad_scale = folded if folded is not None else getattr(optimizer, "grad_scale", None)
+            else:
+                optimizer.grad_scale = scale * getattr(optimizer, "grad_scale", 1)
+            optimizer.found_inf = found_inf
+        fresh_momentum = [] if has_grad_scaler_kwarg else self._params_without_momentum_buffer(optimizer)
+        retval = optimizer.step(*args, **kwargs_)
+        if fresh_momentum:
+            # PyTorch's fused SGD creates its momentum buffers with empty_like before a step it then
+            # skips on found_inf, and later steps read that uninitialized memory. Zeroed, the next
+            # step starts the momentum from its own gradient, as a first step does.
+            skipped = optimizer.found_inf != 0
+            for param in fresh_momentum:
+                buffer = optimizer.state.get(param, {}).get("momentum_buffer")
+                if buffer is not None:
+                    buffer.masked_fill_(skipped.to(buffer.device, non_blocking=True), 0.0)
+        optimizer_state["stage"] = OptState.STEPPED
+        if not has_grad_scaler_kwarg:
+            del optimizer.grad_scale
+            del optimizer.found_inf
+        return retval
+
+    @staticmethod
+    def _params_without_momentum_buffer(optimizer: torch.optim.Optimizer) -> List[Tensor]:
+        if not isinstance(optimizer, torch.optim.SGD):
+            return []
+        return [
+            p
+            for group in optimizer.param_groups
+            if group.get("momentum", 0) != 0
+            for p in group["params"]
+            if p.grad is not None and optimizer.state.get(p, {}).get("momentum_buffer") is None
+        ]
+
+    def update(self, new_scale: Optional[Union[float, Tensor]] = None) -> None:
+        """Update the scale on the device (back off on inf/nan, with hysteresis and ``min_scale``; grow
+        after ``growth_interval`` clean steps, up to ``max_scale``), or set it to ``new_scale``.
+
+        As ``torch.amp.GradScaler.update``; also advances the step counters. No host sync.
+        """
+        if not self._enabled:
+            return
+        scale, growth_tracker = self._check_scale_growth_tracker("update")
+        found_inf = self._combined_found_inf(self._per_optimizer_states.values())
+        if new_scale is not None:
+            if isinstance(new_scale, (float, int)) and not isinstance(new_scale, bool):
+                scale.fill_(float(new_scale))
+            else:
+                reason = (
+                    "new_scale should be a float or a 1-element torch.cuda.FloatTensor or "
+                    "torch.FloatTensor with requires_grad=False."
+                )
+                if not isinstance(new_scale, Tensor):
+                    raise AssertionError(reason)
+                if new_scale.device.type != self._device:
+                    raise AssertionError(reason)
+                if new_scale.numel() != 1:
+                    raise AssertionError(reason)
+                if new_scale.requires_grad is True:
+                    raise AssertionError(reason)
+                scale.copy_(new_scale.reshape(scale.shape))
+        else:
+            if found_inf is None:
+                raise AssertionError("No inf checks were recorded prior to update.")
+            ops.update_scale_(
+                scale,
+                growth_tracker,
+                found_inf,
+                self._growth_factor,
+                self._backoff_factor,
+                self._growth_interval,
+                self._hysteresis,
+                self._hysteresis_tracker,
+                self._min_scale,
+                self._max_scale,
+            )
+        if found_inf is not None:
+            assert self._skipped_steps is not None
+            self._num_steps += 1
+            self._skipped_steps += (found_inf != 0).to(torch.int64)
+            self._last_found_inf = found_inf
+        self._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """PyTorch's five entries (``scale``, ``growth_factor``, ``backoff_factor``, ``growth_interval``,
+        ``_growth_tracker``) plus fastamp's: ``hysteresis``, ``_hysteresis_tracker``, ``min_scale``,
+        ``max_scale``, ``_num_steps``, ``_skipped_steps``. PyTorch's scaler loads it (it reads only its
+        own keys). Empty when disabled. Reads the device state: call it after :meth:`update`."""
+        if not self._enabled:
+            return {}
+        state = super().state_dict()
+        state.update(
+            {
+                "hysteresis": self._hysteresis,
+                "_hysteresis_tracker": self._get_hysteresis_tracker(),
+                "min_scale": self._min_scale,
+                "max_scale": self._max_scale,
+                "_num_steps": self._num_steps,
+                "_skipped_steps": self._get_skipped_steps(),
+            }
+        )
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a state dict of this class or of ``torch.amp.GradScaler`` (fastamp's own settings keep
+        their current values when absent, and the hysteresis tracker starts full)."""
+        if not self._enabled:
+            return
+        super().load_state_dict(state_dict)
+        self._hysteresis = int(state_dict.get("hysteresis", self._hysteresis))
+        self._min_scale = float(state_dict.get("min_scale", self._min_scale))
+        self._max_scale = float(state_dict.get("max_scale", self._max_scale))
+        self._init_hysteresis_tracker = int(state_dict.get("_hysteresis_tracker", self._hysteresis))
+        self._num_steps = int(state_dict.get("_num_steps", 0))
+        self._init_skipped_steps = int(state_dict.get("_skipped_steps", 0))
+        if self._hysteresis_tracker is not None:
+            self._hysteresis_tracker.fill_(self._init_hysteresis_tracker)
+        if self._skipped_steps is not None:
+            self._skipped_steps.fill_(self._init_skipped_steps)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        if self._enabled:
+            state["_init_hysteresis_tracker"] = self._get_hysteresis_tracker()
+            state["_init_skipped_steps"] = self._get_skipped_steps()
+            state["_hysteresis_tracker"] = None
+            state["_skipped_steps"] = None
+            state["_last_found_inf"] = None
+        return state
+
+    def _get_hysteresis_tracker(self) -> int:
+        if self._hysteresis_tracker is None:
+            return self._init_hysteresis_tracker
+        return int(self._hysteresis_tracker.item())
+
+    def _get_skipped_steps(self) -> int:
+        if self._skipped_steps is None:
+            return self._init_skipped_steps
+        return int(self._skipped_steps.item())
+
+    # ---- beyond PyTorch --------------------------------------------------------------------------
+
+    def get_hysteresis(self) -> int:
+        """Consecutive overflows tolerated before the scale backs off."""
+        return self._hysteresis
+
+    def get_min_scale(self) -> float:
+        """The scale never backs off below this."""
+        return self._min_scale
+
+    def get_max_scale(self) -> float:
+        """The scale never grows above this."""
+        return self._max_scale
+
+    def clip_grad_norm_(
+        self,
+        optimizer: OptimizerOrList,
+        max_norm: float,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
+    ) -> Tensor:
+        """Unscale and clip the optimizer's gradients: ``unscale_`` + ``torch.nn.utils.clip_grad_norm_``
+        fused.
+
+        One read pass per device computes found_inf and the L2 norm of the unscaled grads; one write
+        pass multiplies by ``inv_scale * clip_coef`` (skipped on an overflow, so the grads of a skipped
+        step are left scaled). With a ``fused=True`` optimizer the write pass is folded into the
+        optimizer's step through its ``grad_scale``: the grads are not rewritten here, and stay scaled
+        until ``step``. Pass several optimizers to clip their gradients together (one norm, one
+        found_inf: an overflow in any skips them all).
+
+        Counts as this iteration's ``unscale_`` for each optimizer. Works when the scaler is disabled
+        too (plain fused clipping). A ``norm_type`` other than 2 falls back to ``unscale_`` and
+        PyTorch's clip. ``error_if_nonfinite=True`` costs a host sync, as in PyTorch.
+
+        Returns:
+            The total norm of the unscaled gradients (before clipping), a 0-dim fp32 tensor on the
+            scale's device (the gradients' device when disabled).
+        """
+        optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+        if not optimizers:
+            raise ValueError("fastamp.GradScaler.clip_grad_norm_: no optimizer given")
+        if self._enabled:
+            self._check_scale_growth_tracker("clip_grad_norm_")
+            for opt in optimizers:
+                stage = self._per_optimizer_states[id(opt)]["stage"]
+                if stage is OptState.UNSCALED:
+                    raise RuntimeError(
+                        "clip_grad_norm_() unscales the gradients, but unscale_() or clip_grad_norm_() has "
+                        "already been called on this optimizer since the last update()."
+                    )
+                if stage is OptState.STEPPED:
+                    raise RuntimeError("clip_grad_norm_() is being called after step().")
+        if float(norm_type) != 2.0:
+            for opt in optimizers:
+                self.unscale_(opt)
+            params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
+
+        with torch.no_grad():
+            by_device = self._grads_by_device(optimizers)
+            if self._enabled:
+                assert self._scale is not None
+                home = self._scale.device
+                inv_scale: Optional[Tensor] = self._inv_scale()
+            else:
+                home = next(iter(by_device)) if by_device else torch.device("cpu")
+                inv_scale = None
+            found_inf = torch.zeros((), dtype=torch.float32, device=home)
+            per_device_inv_scale = _PerDevice(inv_scale) if inv_scale is not None else None
+            per_device_found_inf: Dict[torch.device, Tensor] = {}
+            norms: List[Tensor] = []
+            for device, grads in by_device.items():
+                flag = found_inf if device == home else torch.zeros((), dtype=torch.float32, device=device)
+                per_device_found_inf[device] = flag
+                device_inv_scale = per_device_inv_scale.get(device) if per_device_inv_scale is not None else None
+                norms.append(self._norm_device(grads, device_inv_scale, flag))
+            if not norms:
+                total_norm = torch.zeros((), dtype=torch.float32, device=home)
+            elif len(norms) == 1:
+                total_norm = norms[0].to(home, non_blocking=True)
+            else:
+                total_norm = torch.stack([n.to(home, non_blocking=True) for n in norms]).norm()
+            if len(per_device_found_inf) > 1:
+                found_inf = torch.stack([f.to(home, non_blocking=True) for f in per_device_found_inf.values()]).amax()
+                per_device_found_inf = {d: found_inf.to(d, non_blocking=True) for d in per_device_found_inf}
+            if error_if_nonfinite and bool(torch.logical_or(total_norm.isnan(), total_norm.isinf())):
+                raise RuntimeError(
+                    f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, "
+                    "so it cannot be clipped. To disable this error and scale the gradients by the non-finite "
+                    "norm anyway, set `error_if_nonfinite=False`"
+                )
+            coef = ops.clip_coef(total_norm, max_norm).float()
+            factor = coef if inv_scale is None else inv_scale * coef
+            per_device_factor = _PerDevice(factor)
+            folded_grad_scale = None
+            for opt in optimizers:
+                opt_devices = self._grads_by_device([opt])
+                if self._enabled and getattr(opt, "_step_supports_amp_scaling", False):
+                    # The fused optimizer divides its grads by grad_scale inside its own step.
+                    if folded_grad_scale is None:
+                        folded_grad_scale = self._scale / coef
+                    state = self._per_optimizer_states[id(opt)]
+                    state["grad_scale"] = folded_grad_scale
+                else:
+                    for device, grads in opt_devices.items():
+                        self._scale_device_(grads, per_device_factor.get(device), per_device_found_inf[device])
+                if self._enabled:
+                    state = self._per_optimizer_states[id(opt)]
+                    state["found_inf_per_device"] = {d: per_device_found_inf[d] for d in opt_devices}
+                    state["stage"] = OptState.UNSCALED
+        return total_norm
+
+    @staticmethod
+    def _scale_device_(grads: List[Tensor], factor: Tensor, found_inf: Tensor) -> None:
+        fused = [g for g in grads if _kernel_handles(g)]
+        if fused:
+            ops.scale_(fused, factor, found_inf)
+        for g in grads:
+            if not _kernel_handles(g):
+                g.copy_(torch.where(found_inf != 0, g, g * factor.to(g.dtype)))
+
+    @property
+    def found_inf(self) -> Optional[Tensor]:
+        """Device tensor, nonzero if inf/nan was found: in the iteration under way once any optimizer has
+        been checked, else in the last one ended by :meth:`update`. ``None`` before any check."""
+        if not self._enabled:
+            return None
+        current = self._combined_found_inf(self._per_optimizer_states.values()) if self._scale is not None else None
+        return current if current is not None else self._last_found_inf
+
+    def last_step_skipped(self) -> bool:
+        """Whether the latest step was skipped for inf/nan gradients (reads :attr:`found_inf`: a host sync)."""
+        flag = self.found_inf
+        return bool(flag.item()) if flag is not None else False
+
+    @property
+    def num_steps(self) -> int:
+        """Iterations ended by :meth:`update` that checked gradients (host counter, no sync)."""
+        return self._num_steps
+
+    @property
+    def skipped_steps(self) -> Optional[Tensor]:
+        """Device int64 counter of iterations whose gradients held inf/nan (no sync); ``None`` before the
+        first :meth:`scale`."""
+        return self._skipped_steps
+
+    def step_counts(self) -> Dict[str, int]:
+        """``{"steps", "taken", "skipped"}`` over the scaler's life (reads the device counter: a host sync)."""
+        skipped = self._get_skipped_steps() if self._enabled else 0
+        return {"steps": self._num_steps, "taken": self._num_steps - skipped, "skipped": skipped}
+
+    def overflow_report(self, model: NamedTensors) -> List[ops.NonFiniteRecord]:
+        """Which parameters' gradients hold nan/+inf/-inf, and how many of each.
+
+        ``model`` is an ``nn.Module`` (its named parameters' ``.grad``), a mapping of names to tensors or
+        an iterable of ``(name, tensor)``. Reads counts to the host: call it when asked, typically after
+        :meth:`last_step_skipped` said so, before ``zero_grad``.
+        """
+        if isinstance(model, torch.nn.Module):
+            named: Any = [(name, p.grad) for name, p in model.named_parameters()]
+        else:
+            named = model
+        return ops.nonfinite_report(named)
