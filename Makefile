@@ -22,6 +22,7 @@ export MAX_JOBS
 
 demo: $(BUILD_STAMP)
 	$(VENV)/bin/fastamp info
+	$(VENV)/bin/fastamp demo --out demo-results
 
 info: $(BUILD_STAMP)
 	$(VENV)/bin/fastamp info
@@ -41,7 +42,7 @@ $(PY):
 
 $(DEPS_STAMP): $(PY)
 	rm -f $(VENV)/.deps-* $(VENV)/.build-*
-	$(PIP) install -q "$(TORCH_SPEC)" numpy pytest pytest-benchmark hypothesis ninja setuptools wheel
+	$(PIP) install -q "$(TORCH_SPEC)" numpy pytest pytest-benchmark hypothesis ninja setuptools wheel matplotlib tqdm
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)

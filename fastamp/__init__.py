@@ -8,11 +8,13 @@ import torch
 
 from . import ops
 from ._extension import extension_status
+from . import models
 from .grad_scaler import GradScaler
+from .trainer import FusedMixedPrecisionTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["GradScaler", "__version__", "build_info", "has_cuda_kernels", "ops"]
+__all__ = ["FusedMixedPrecisionTrainer", "GradScaler", "__version__", "build_info", "has_cuda_kernels", "models", "ops"]
 
 
 def has_cuda_kernels() -> bool:

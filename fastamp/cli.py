@@ -1,4 +1,4 @@
-"""The ``fastamp`` command: ``fastamp info`` (later: demo, bench, gemm, analyze)."""
+"""The ``fastamp`` command: ``fastamp info``, ``fastamp demo`` (later: bench, gemm, analyze)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,14 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(device=args.device, precision=args.precision, steps=args.steps, size=args.size, out=args.out,
+             optimizer=args.optimizer, seed=args.seed, progress=not args.no_progress)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``fastamp`` console script."""
     parser = argparse.ArgumentParser(prog="fastamp", description="fused mixed-precision training kernels")
@@ -31,6 +39,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     info = sub.add_parser("info", help="how fastamp was built: kernels, CUDA archs, fallbacks")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_info)
+    demo = sub.add_parser("demo", help="train the test transformer with stock AMP and with fastamp, side by side")
+    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    demo.add_argument("--precision", default=None,
+                      help="fp32, fp16 or bf16 (or 32-true, 16-mixed, bf16-mixed); default fp16 on GPU, bf16 on CPU")
+    demo.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
+    demo.add_argument("--size", default="small", choices=["tiny", "small", "base"], help="model size")
+    demo.add_argument("--optimizer", default="fused", choices=["fused", "foreach"],
+                      help="AdamW implementation, the same for both runs (default fused)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="fastamp-demo", help="directory for results.json and dashboard.png")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     return args.func(args)
 
