@@ -40,7 +40,7 @@ bench: $(BUILD_STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(DEPS_STAMP): $(PY)
+$(DEPS_STAMP): $(PY) Makefile
 	rm -f $(VENV)/.deps-* $(VENV)/.build-*
 	$(PIP) install -q "$(TORCH_SPEC)" numpy pytest pytest-benchmark hypothesis ninja setuptools wheel matplotlib tqdm
 	touch $@
