@@ -1,5 +1,13 @@
-"""Renders pytest-benchmark JSON files as a Markdown table: median, p20-p80, GB/s and speedup of each
-case over the stock (or reference) case of its group. Used for the README's performance table."""
+"""Renders benchmark result files as Markdown; the README's performance section comes from here.
+
+    python benchmarks/summarize.py benchmarks/results/*.json            # print tables
+    python benchmarks/summarize.py --readme README.md benchmarks/results/cpu-*.json   # update README
+
+Reads both formats: ``fastamp bench --json`` output ({"environment", "results"}) and pytest-benchmark
+JSON. In the README, the block between ``<!-- results:begin -->`` and ``<!-- results:end -->`` is
+replaced: for each fastamp-bench file, the full table of the GPT-2-small fp32 workload and a matrix of
+fastamp's speedup over stock for every workload and dtype. No number is copied by hand.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +15,13 @@ import argparse
 import json
 import statistics
 import sys
-from typing import List
+from typing import Any, Dict, List, Sequence
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+DETAIL_WORKLOAD, DETAIL_DTYPE = "gpt2-124M", "fp32"
 
 
-def quantile(values: List[float], q: float) -> float:
+def _quantile(values: List[float], q: float) -> float:
     values = sorted(values)
     index = q * (len(values) - 1)
     low = int(index)
@@ -18,42 +29,116 @@ def quantile(values: List[float], q: float) -> float:
     return values[low] + (values[high] - values[low]) * (index - low)
 
 
-def render(paths: List[str]) -> str:
-    lines = []
-    for path in paths:
-        with open(path) as f:
-            data = json.load(f)
-        machine = data.get("machine_info", {})
-        lines.append(f"**{path}** — {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
-                     f"commit {data.get('commit_info', {}).get('id', '?')[:10]}")
-        lines.append("")
-        lines.append("| group | case | median ms | p20–p80 ms | GB/s | vs stock |")
-        lines.append("|---|---|---:|---:|---:|---:|")
-        groups = {}
-        for bench in data["benchmarks"]:
-            groups.setdefault(bench["group"], []).append(bench)
-        for group, benches in groups.items():
-            medians = {b["name"]: statistics.median(b["stats"]["data"]) for b in benches}
-            baseline = next((b for b in benches if "stock" in b["name"]), None)
-            for b in benches:
-                data_points = b["stats"]["data"]
-                median = medians[b["name"]]
-                gbps = b["extra_info"].get("bytes", 0) / median / 1e9
-                ratio = medians[baseline["name"]] / median if baseline else float("nan")
-                lines.append(
-                    f"| {group} | {b['name'].split('[')[-1].rstrip(']')} | {median * 1e3:.2f} | "
-                    f"{quantile(data_points, 0.2) * 1e3:.2f}–{quantile(data_points, 0.8) * 1e3:.2f} | {gbps:.1f} | "
-                    f"{ratio:.2f}x |"
-                )
-        lines.append("")
+def _fmt(value: Any, spec: str, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+def render_fastamp_bench(path: str, report: Dict[str, Any], detail_only: bool = False) -> str:
+    env = report["environment"]
+    rows = report["results"]
+    lines = [
+        f"`{path}`: {env['device_name']} ({env['device']}, {env['threads']} threads), torch {env['torch']}, "
+        f"fastamp {env['fastamp']}, commit {(env.get('git_commit') or '?')[:10]}, {env.get('date', '')}",
+        "",
+        "| workload | dtype | op | case | median ms | p20–p80 ms | GB/s | % copy bw | vs stock |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if detail_only and (r["workload"], r["dtype"]) != (DETAIL_WORKLOAD, DETAIL_DTYPE):
+            continue
+        lines.append(
+            f"| {r['workload']} | {r['dtype']} | {r['op']} | {r['impl']} | {r['median_s'] * 1e3:.2f} | "
+            f"{r['p20_s'] * 1e3:.2f}–{r['p80_s'] * 1e3:.2f} | {_fmt(r['gbps'], '.1f')} | "
+            f"{_fmt(r['pct_copy_bandwidth'], '.0f', '%')} | {_fmt(r['speedup_vs_stock'], '.2f', 'x')} |"
+        )
     return "\n".join(lines)
 
 
+def render_speedup_matrix(report: Dict[str, Any]) -> str:
+    """fastamp's speedup over the stock baseline, one row per fastamp case, one column per workload/dtype."""
+    rows = [r for r in report["results"] if r["role"] == "fastamp"]
+    columns = list(dict.fromkeys((r["workload"], r["dtype"]) for r in report["results"]))
+    cases = list(dict.fromkeys((r["op"], r["impl"]) for r in rows))
+    cell = {(r["op"], r["impl"], r["workload"], r["dtype"]): r["speedup_vs_stock"] for r in rows}
+    lines = [
+        "| fastamp case (speedup over stock) | " + " | ".join(f"{w} {d}" for w, d in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for op, impl in cases:
+        values = [cell.get((op, impl, w, d)) for w, d in columns]
+        lines.append(f"| {op}: {impl} | " + " | ".join(_fmt(v, ".2f", "x") for v in values) + " |")
+    return "\n".join(lines)
+
+
+def render_pytest_benchmark(path: str, data: Dict[str, Any]) -> str:
+    machine = data.get("machine_info", {})
+    lines = [
+        f"`{path}` (pytest-benchmark): {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
+        f"commit {data.get('commit_info', {}).get('id', '?')[:10]}",
+        "",
+        "| group | case | median ms | p20–p80 ms | GB/s | vs stock |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for bench in data["benchmarks"]:
+        groups.setdefault(bench["group"], []).append(bench)
+    for group, benches in groups.items():
+        medians = {b["name"]: statistics.median(b["stats"]["data"]) for b in benches}
+        baseline = next((b for b in benches if b["extra_info"].get("baseline")), None)
+        for b in benches:
+            times = b["stats"]["data"]
+            median = medians[b["name"]]
+            moved = b["extra_info"].get("bytes", 0)
+            ratio = medians[baseline["name"]] / median if baseline and b["extra_info"].get("role") != "reference" else None
+            lines.append(
+                f"| {group} | {b['extra_info'].get('impl', b['name'])} | {median * 1e3:.2f} | "
+                f"{_quantile(times, 0.2) * 1e3:.2f}–{_quantile(times, 0.8) * 1e3:.2f} | "
+                f"{_fmt(moved / median / 1e9 if moved else None, '.1f')} | {_fmt(ratio, '.2f', 'x')} |"
+            )
+    return "\n".join(lines)
+
+
+def render(paths: Sequence[str]) -> str:
+    blocks = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        if "environment" in data:
+            blocks.append(render_fastamp_bench(path, data))
+        else:
+            blocks.append(render_pytest_benchmark(path, data))
+    return "\n\n".join(blocks)
+
+
+def render_readme_block(paths: Sequence[str]) -> str:
+    """What the README holds between the markers, from fastamp-bench result files."""
+    blocks = []
+    for path in paths:
+        with open(path) as f:
+            report = json.load(f)
+        blocks.append(render_fastamp_bench(path, report, detail_only=True))
+        blocks.append(render_speedup_matrix(report))
+    return "\n\n".join(blocks)
+
+
+def update_readme(readme: str, paths: Sequence[str]) -> None:
+    with open(readme) as f:
+        text = f.read()
+    begin, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    text = text[:begin] + "\n" + render_readme_block(paths) + "\n" + text[end:]
+    with open(readme, "w") as f:
+        f.write(text)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json", nargs="+")
+    parser.add_argument("--readme", help="replace the results block of this README instead of printing")
     args = parser.parse_args(argv)
-    print(render(args.json))
+    if args.readme:
+        update_readme(args.readme, args.json)
+    else:
+        print(render(args.json))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The ``fastamp`` command: ``fastamp info``, ``fastamp demo`` (later: bench, gemm, analyze)."""
+"""The ``fastamp`` command: ``fastamp info``, ``fastamp demo``, ``fastamp bench`` (later: gemm, analyze)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,32 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    interactive = sys.stderr.isatty()
+
+    def progress(line: str) -> None:
+        if interactive:
+            sys.stderr.write("\r\033[K" + line)
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    report = bench.run_bench(device=args.device, workloads=args.workload, dtypes=args.dtype, ops_=args.op,
+                             repeats=args.repeats, progress=progress)
+    if interactive:
+        sys.stderr.write("\r\033[K")
+    print(bench.format_table(report))
+    if args.json:
+        bench.write_json(report, args.json)
+        print(f"wrote {args.json}")
+    if args.csv:
+        bench.write_csv(report, args.csv)
+        print(f"wrote {args.csv}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``fastamp`` console script."""
     parser = argparse.ArgumentParser(prog="fastamp", description="fused mixed-precision training kernels")
@@ -51,6 +77,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--out", default="fastamp-demo", help="directory for results.json and dashboard.png")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
+    from .bench import DTYPES, OPS, WORKLOADS
+
+    bench = sub.add_parser("bench", help="time fastamp's fused ops against stock PyTorch AMP on this machine")
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bench.add_argument("--workload", action="append", choices=sorted(WORKLOADS),
+                       help="repeatable; default: all that run on the device")
+    bench.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable; default: all")
+    bench.add_argument("--op", action="append", choices=list(OPS), help="repeatable; default: all")
+    bench.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default by size)")
+    bench.add_argument("--json", default=None, help="write the full results (with raw times) here")
+    bench.add_argument("--csv", default=None, help="write one row per case here")
+    bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 
