@@ -1,8 +1,8 @@
 // Explicitly vectorized chunk loops for fp32, bf16 and fp16 elements (fp64 uses the generic loops in
-// multi_tensor_cpu.h). Written with GCC/Clang vector extensions, so the same source compiles to SSE2
-// everywhere and, through the *_avx2 entry points, to AVX2+FMA where the CPU has it (chosen at run time:
-// the extension stays portable). Auto-vectorization of the generic loops reached only ~2 G elements/s
-// per core, far below memory bandwidth; these reach it.
+// multi_tensor_cpu.h). The loops (simd_loops.inc) are written with GCC vector extensions and compiled
+// twice: portable (SSE2) and, with GCC on x86, for AVX2+FMA+F16C, chosen at run time, so the extension
+// stays portable. Auto-vectorization of the generic loops reached only ~2 G elements/s per core, far
+// below memory bandwidth; these reach it.
 //
 // Per-element math is that of csrc/functors.h: g * inv_scale in fp32 rounded once (bf16 with
 // round-to-nearest-even exactly as c10::BFloat16, fp16 through c10::Half), x - x as the finiteness
@@ -26,12 +26,12 @@
 #define FASTAMP_ALWAYS_INLINE inline
 #endif
 
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+// The AVX2 path is compiled with `#pragma GCC target` (GCC only; other compilers get the portable path).
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
 #define FASTAMP_HAVE_AVX2_PATH 1
-#define FASTAMP_AVX2_TARGET __attribute__((target("avx2,fma")))
+#include <immintrin.h>
 #else
 #define FASTAMP_HAVE_AVX2_PATH 0
-#define FASTAMP_AVX2_TARGET
 #endif
 
 namespace fastamp::cpu::simd {
@@ -46,10 +46,14 @@ constexpr int kWidth = 8;
 
 FASTAMP_ALWAYS_INLINE f32x8 splat(float v) { return f32x8{v, v, v, v, v, v, v, v}; }
 
-// 8 elements of T <-> 8 fp32 values.
-template <typename T> struct Lanes;
+// Instruction sets the loops are built for.
+struct Portable {};
+struct Avx2 {};  // AVX2 + FMA + F16C
 
-template <> struct Lanes<float> {
+// 8 elements of T <-> 8 fp32 values, in plain C++ (GCC vector extensions).
+template <typename T> struct PortableLanes;
+
+template <> struct PortableLanes<float> {
   static FASTAMP_ALWAYS_INLINE f32x8 load(const float* p) {
     f32x8 v;
     std::memcpy(&v, p, sizeof(v));
@@ -58,7 +62,7 @@ template <> struct Lanes<float> {
   static FASTAMP_ALWAYS_INLINE void store(float* p, f32x8 v) { std::memcpy(p, &v, sizeof(v)); }
 };
 
-template <> struct Lanes<c10::BFloat16> {
+template <> struct PortableLanes<c10::BFloat16> {
   static FASTAMP_ALWAYS_INLINE f32x8 load(const c10::BFloat16* p) {
     u16x8 h;
     std::memcpy(&h, p, sizeof(h));
@@ -79,7 +83,7 @@ template <> struct Lanes<c10::BFloat16> {
   }
 };
 
-template <> struct Lanes<c10::Half> {
+template <> struct PortableLanes<c10::Half> {
   static FASTAMP_ALWAYS_INLINE f32x8 load(const c10::Half* p) {
     f32x8 v;
     for (int j = 0; j < kWidth; ++j) v[j] = static_cast<float>(p[j]);
@@ -90,124 +94,86 @@ template <> struct Lanes<c10::Half> {
   }
 };
 
+template <typename T, typename Isa> struct Lanes : PortableLanes<T> {
+  // 16 elements from two vectors; specializations may store them in one go.
+  static FASTAMP_ALWAYS_INLINE void store2(T* p, f32x8 v0, f32x8 v1) {
+    PortableLanes<T>::store(p, v0);
+    PortableLanes<T>::store(p + kWidth, v1);
+  }
+};
+
+#if FASTAMP_HAVE_AVX2_PATH
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+// The compiler turns the portable fp16 conversions into scalar code and the bf16 narrowing into a long
+// shuffle sequence: ~20x and ~2x slower than memory. F16C converts 8 halves per instruction (round to
+// nearest even, as c10::Half; NaNs stay NaN) and one pack narrows 8 bf16 results.
+template <> struct Lanes<c10::Half, Avx2> {
+  static FASTAMP_ALWAYS_INLINE f32x8 load(const c10::Half* p) {
+    return (f32x8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static FASTAMP_ALWAYS_INLINE void store(c10::Half* p, f32x8 v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static FASTAMP_ALWAYS_INLINE void store2(c10::Half* p, f32x8 v0, f32x8 v1) {
+    store(p, v0);
+    store(p + kWidth, v1);
+  }
+};
+
+template <> struct Lanes<c10::BFloat16, Avx2> {
+  static FASTAMP_ALWAYS_INLINE f32x8 load(const c10::BFloat16* p) {
+    const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+    return (f32x8)_mm256_castsi256_ps(w);
+  }
+  // Round to nearest even, NaN -> 0x7FC0 (c10::BFloat16's conversion), as 32-bit lanes <= 0xFFFF.
+  static FASTAMP_ALWAYS_INLINE __m256i round(f32x8 v) {
+    const __m256 x = (__m256)v;
+    const __m256i u = _mm256_castps_si256(x);
+    __m256i t = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    t = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(t, _mm256_set1_epi32(0x7FFF)), u), 16);
+    const __m256 ordered = _mm256_cmp_ps(x, x, _CMP_ORD_Q);
+    return _mm256_blendv_epi8(_mm256_set1_epi32(0x7FC0), t, _mm256_castps_si256(ordered));
+  }
+  // The unsigned-saturating packs are exact because every lane is <= 0xFFFF.
+  static FASTAMP_ALWAYS_INLINE void store(c10::BFloat16* p, f32x8 v) {
+    const __m256i r = round(v);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+  }
+  static FASTAMP_ALWAYS_INLINE void store2(c10::BFloat16* p, f32x8 v0, f32x8 v1) {
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(round(v0), round(v1)), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+  }
+};
+#pragma GCC pop_options
+#endif
+
 FASTAMP_ALWAYS_INLINE float reduce(f32x8 a0, f32x8 a1, f32x8 a2, f32x8 a3) {
   const f32x8 s = (a0 + a1) + (a2 + a3);
   return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
 }
 
-// Sum of (g * inv_scale)^2 over [0, count).
-template <typename T>
-FASTAMP_ALWAYS_INLINE double sum_squares(const T* data, int64_t count, float inv_scale) {
-  const f32x8 inv = splat(inv_scale);
-  double total = 0.0;
-  for (int64_t base = 0; base < count; base += kSubBlock) {
-    const int64_t end = count < base + kSubBlock ? count : base + kSubBlock;
-    f32x8 a0 = splat(0.f), a1 = a0, a2 = a0, a3 = a0;
-    int64_t i = base;
-    for (; i + 4 * kWidth <= end; i += 4 * kWidth) {
-      const f32x8 x0 = Lanes<T>::load(data + i) * inv;
-      const f32x8 x1 = Lanes<T>::load(data + i + 8) * inv;
-      const f32x8 x2 = Lanes<T>::load(data + i + 16) * inv;
-      const f32x8 x3 = Lanes<T>::load(data + i + 24) * inv;
-      a0 += x0 * x0;
-      a1 += x1 * x1;
-      a2 += x2 * x2;
-      a3 += x3 * x3;
-    }
-    float tail = 0.f;
-    for (; i < end; ++i) tail = square_accumulate(tail, static_cast<float>(data[i]) * inv_scale);
-    total += static_cast<double>(reduce(a0, a1, a2, a3) + tail);
-  }
-  return total;
-}
+namespace portable {
+using Isa = Portable;
+#include "simd_loops.inc"
+}  // namespace portable
 
-// g *= inv_scale in place (inv_scale == 1 writes nothing, keeping every bit, as PyTorch does); returns
-// whether any original element was non-finite. With sum_out, also the sum of squares of the written
-// values (as rounded to T).
-template <typename T, bool kNorm>
-FASTAMP_ALWAYS_INLINE bool unscale(T* data, int64_t count, float inv_scale, double* sum_out) {
-  const f32x8 inv = splat(inv_scale);
-  const bool write = inv_scale != 1.0f;
-  f32x8 probe = splat(0.f);
-  float probe_tail = 0.f;
-  double total = 0.0;
-  for (int64_t base = 0; base < count; base += kSubBlock) {
-    const int64_t end = count < base + kSubBlock ? count : base + kSubBlock;
-    f32x8 a0 = splat(0.f), a1 = a0;
-    int64_t i = base;
-    for (; i + 2 * kWidth <= end; i += 2 * kWidth) {
-      f32x8 x0 = Lanes<T>::load(data + i);
-      f32x8 x1 = Lanes<T>::load(data + i + 8);
-      probe += (x0 - x0) + (x1 - x1);
-      if (write) {
-        x0 *= inv;
-        x1 *= inv;
-        Lanes<T>::store(data + i, x0);
-        Lanes<T>::store(data + i + 8, x1);
-        if (kNorm && !std::is_same<T, float>::value) {  // the norm is of the values as rounded to T
-          x0 = Lanes<T>::load(data + i);
-          x1 = Lanes<T>::load(data + i + 8);
-        }
-      }
-      if (kNorm) {
-        a0 += x0 * x0;
-        a1 += x1 * x1;
-      }
-    }
-    float tail = 0.f;
-    const Unscale<T> unscale_one{inv_scale};
-    for (; i < end; ++i) {
-      const T g = data[i];
-      probe_tail += nonfinite_probe(static_cast<float>(g));
-      const T u = write ? unscale_one(g) : g;
-      if (write) data[i] = u;
-      if (kNorm) tail = square_accumulate(tail, static_cast<float>(u));
-    }
-    if (kNorm) total += static_cast<double>(reduce(a0, a1, splat(0.f), splat(0.f)) + tail);
-  }
-  if (kNorm) *sum_out = total;
-  return !is_finite_value(reduce(probe, splat(0.f), splat(0.f), splat(0.f)) + probe_tail);
-}
-
-// t *= factor in place, in fp32, rounded once.
-template <typename T>
-FASTAMP_ALWAYS_INLINE void scale(T* data, int64_t count, float factor) {
-  const f32x8 f = splat(factor);
-  int64_t i = 0;
-  for (; i + 2 * kWidth <= count; i += 2 * kWidth) {
-    Lanes<T>::store(data + i, Lanes<T>::load(data + i) * f);
-    Lanes<T>::store(data + i + 8, Lanes<T>::load(data + i + 8) * f);
-  }
-  const Scale<T> scale_one{factor};
-  for (; i < count; ++i) data[i] = scale_one(data[i]);
-}
-
-// Entry points: a portable build and an AVX2+FMA build of each loop.
-#define FASTAMP_SIMD_ENTRY_POINTS(SUFFIX, ATTRIBUTE)                                                         \
-  template <typename T>                                                                                      \
-  ATTRIBUTE double sum_squares_##SUFFIX(const T* data, int64_t count, float inv_scale) {                    \
-    return sum_squares(data, count, inv_scale);                                                              \
-  }                                                                                                          \
-  template <typename T, bool kNorm>                                                                          \
-  ATTRIBUTE bool unscale_##SUFFIX(T* data, int64_t count, float inv_scale, double* sum_out) {               \
-    return unscale<T, kNorm>(data, count, inv_scale, sum_out);                                               \
-  }                                                                                                          \
-  template <typename T>                                                                                      \
-  ATTRIBUTE void scale_##SUFFIX(T* data, int64_t count, float factor) {                                      \
-    scale(data, count, factor);                                                                              \
-  }
-
-FASTAMP_SIMD_ENTRY_POINTS(portable, )
 #if FASTAMP_HAVE_AVX2_PATH
-FASTAMP_SIMD_ENTRY_POINTS(avx2, FASTAMP_AVX2_TARGET)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+using Isa = Avx2;
+#include "simd_loops.inc"
+}  // namespace avx2
+#pragma GCC pop_options
 #endif
-#undef FASTAMP_SIMD_ENTRY_POINTS
 
 // FASTAMP_CPU_PORTABLE=1 forces the portable loops (tests use it to cover both paths on one machine).
 inline bool use_avx2() {
 #if FASTAMP_HAVE_AVX2_PATH
   static const bool available = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                                std::getenv("FASTAMP_CPU_PORTABLE") == nullptr;
+                                __builtin_cpu_supports("f16c") && std::getenv("FASTAMP_CPU_PORTABLE") == nullptr;
   return available;
 #else
   return false;
@@ -217,25 +183,25 @@ inline bool use_avx2() {
 template <typename T>
 double dispatch_sum_squares(const T* data, int64_t count, float inv_scale) {
 #if FASTAMP_HAVE_AVX2_PATH
-  if (use_avx2()) return sum_squares_avx2(data, count, inv_scale);
+  if (use_avx2()) return avx2::sum_squares_entry(data, count, inv_scale);
 #endif
-  return sum_squares_portable(data, count, inv_scale);
+  return portable::sum_squares_entry(data, count, inv_scale);
 }
 
 template <typename T, bool kNorm>
 bool dispatch_unscale(T* data, int64_t count, float inv_scale, double* sum_out) {
 #if FASTAMP_HAVE_AVX2_PATH
-  if (use_avx2()) return unscale_avx2<T, kNorm>(data, count, inv_scale, sum_out);
+  if (use_avx2()) return avx2::unscale_entry<T, kNorm>(data, count, inv_scale, sum_out);
 #endif
-  return unscale_portable<T, kNorm>(data, count, inv_scale, sum_out);
+  return portable::unscale_entry<T, kNorm>(data, count, inv_scale, sum_out);
 }
 
 template <typename T>
 void dispatch_scale(T* data, int64_t count, float factor) {
 #if FASTAMP_HAVE_AVX2_PATH
-  if (use_avx2()) return scale_avx2(data, count, factor);
+  if (use_avx2()) return avx2::scale_entry(data, count, factor);
 #endif
-  scale_portable(data, count, factor);
+  portable::scale_entry(data, count, factor);
 }
 
 }  // namespace fastamp::cpu::simd
