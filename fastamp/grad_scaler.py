@@ -41,6 +41,11 @@ NamedTensors = Union[torch.nn.Module, Mapping[str, Optional[Tensor]], Iterable[T
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    # DTensor (FSDP2's sharded parameters and grads) lives in torch.distributed, absent on some builds.
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
 def _kernel_handles(grad: Tensor) -> bool:
     """Whether fastamp's ops take this gradient (fp64 only on CPU); the rest go to PyTorch's ops."""
     return grad.dtype in _KERNEL_DTYPES or (grad.dtype == torch.float64 and grad.device.type == "cpu")
@@ -142,6 +147,8 @@ class GradScaler(torch.amp.GradScaler):
                     grad = param.grad
                     if grad is None:
                         continue
+                    if _is_dtensor(grad):
+                        grad = grad.to_local()  # the shard this rank holds (a view: written in place)
                     if grad.is_sparse:
                         # Duplicate indices of scaled fp16 values can overflow when summed later;
                         # check the coalesced values, as PyTorch does.
@@ -530,7 +537,8 @@ class GradScaler(torch.amp.GradScaler):
                 total_norm = torch.stack([n.to(home, non_blocking=True) for n in norms]).norm()
             if len(per_device_found_inf) > 1:
                 found_inf = torch.stack([f.to(home, non_blocking=True) for f in per_device_found_inf.values()]).amax()
-                per_device_found_inf = {d: found_inf.to(d, non_blocking=True) for d in per_device_found_inf}
+            total_norm, found_inf = self._reduce_norm_and_found_inf(total_norm, found_inf)
+            per_device_found_inf = {d: found_inf.to(d, non_blocking=True) for d in per_device_found_inf}
             if error_if_nonfinite and bool(torch.logical_or(total_norm.isnan(), total_norm.isinf())):
                 raise RuntimeError(
                     f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, "
@@ -554,9 +562,21 @@ class GradScaler(torch.amp.GradScaler):
                         self._scale_device_(grads, per_device_factor.get(device), per_device_found_inf[device])
                 if self._enabled:
                     state = self._per_optimizer_states[id(opt)]
-                    state["found_inf_per_device"] = {d: per_device_found_inf[d] for d in opt_devices}
+                    flags = {d: per_device_found_inf[d] for d in opt_devices}
+                    if not flags and self._record_checks_without_grads:
+                        flags = {home: found_inf}
+                    state["found_inf_per_device"] = flags
                     state["stage"] = OptState.UNSCALED
         return total_norm
+
+    # Whether an optimizer without gradients still gets a (zero) inf check: ranks of a sharded job must
+    # all take part in the collectives, gradients or not. PyTorch's single-process scaler records none.
+    _record_checks_without_grads = False
+
+    def _reduce_norm_and_found_inf(self, total_norm: Tensor, found_inf: Tensor) -> Tuple[Tensor, Tensor]:
+        """Where the local norm and found_inf become global; single-process: already are. Sharded scalers
+        combine them across ranks here."""
+        return total_norm, found_inf
 
     @staticmethod
     def _scale_device_(grads: List[Tensor], factor: Tensor, found_inf: Tensor) -> None:

@@ -141,6 +141,11 @@ class FusedMixedPrecisionTrainer:
         init_scale, growth_factor, backoff_factor, growth_interval, hysteresis, min_scale, max_scale:
             passed to :class:`fastamp.GradScaler`.
         zero_grad_set_to_none: passed to ``optimizer.zero_grad``.
+        scaler: a :class:`fastamp.GradScaler` to use instead of building one (e.g.
+            :class:`fastamp.distributed.ShardedGradScaler` for FSDP2); the scaling options are then ignored.
+
+    Under DDP the gradients are all-reduced only on the last micro-batch of each accumulation window
+    (``no_sync()``; FSDP2: ``set_requires_gradient_sync``).
     """
 
     def __init__(
@@ -163,6 +168,7 @@ class FusedMixedPrecisionTrainer:
         min_scale: float = 0.0,
         max_scale: float = math.inf,
         zero_grad_set_to_none: bool = True,
+        scaler: Optional[GradScaler] = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -185,17 +191,15 @@ class FusedMixedPrecisionTrainer:
         if self.loss_scaling == "static":
             static = init_scale if isinstance(loss_scaling, str) else float(loss_scaling)
             init_scale, min_scale, max_scale = static, static, static
-        self.scaler = GradScaler(
-            self.device.type,
-            init_scale=init_scale,
-            growth_factor=growth_factor,
-            backoff_factor=backoff_factor,
-            growth_interval=growth_interval,
-            enabled=use_scaler,
-            hysteresis=hysteresis,
-            min_scale=min_scale,
-            max_scale=max_scale,
-        )
+        if scaler is not None:
+            # A scaler built by the caller (e.g. fastamp.distributed.ShardedGradScaler for FSDP2).
+            if not isinstance(scaler, GradScaler):
+                raise TypeError(f"scaler must be a fastamp.GradScaler, got {type(scaler).__name__}")
+            self.scaler = scaler
+            self.loss_scaling = "dynamic" if scaler.is_enabled() else "none"
+        else:
+            self.scaler = self._make_scaler(use_scaler, init_scale, growth_factor, backoff_factor, growth_interval,
+                                            hysteresis, min_scale, max_scale)
         self._timer = _Timer(self.device)
         self.step = 0  # optimizer steps taken or skipped
         self._micro_step = 0
@@ -203,6 +207,12 @@ class FusedMixedPrecisionTrainer:
         self._window_loss: Optional[Tensor] = None
         self._window_tokens = 0
         self._reset_history()
+
+    def _make_scaler(self, enabled: bool, init_scale: float, growth_factor: float, backoff_factor: float,
+                     growth_interval: int, hysteresis: int, min_scale: float, max_scale: float) -> GradScaler:
+        return GradScaler(self.device.type, init_scale=init_scale, growth_factor=growth_factor,
+                          backoff_factor=backoff_factor, growth_interval=growth_interval, enabled=enabled,
+                          hysteresis=hysteresis, min_scale=min_scale, max_scale=max_scale)
 
     @staticmethod
     def _loss_scaling_kind(loss_scaling: Union[str, float]) -> str:
@@ -284,11 +294,13 @@ class FusedMixedPrecisionTrainer:
         batch = self._to_device(batch)
         self._window_tokens += self._count_tokens(batch)
         dtype = _AUTOCAST_DTYPES.get(self.precision)
-        with torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
-            loss = self._forward(batch)
-        if loss.dim() != 0:
-            raise ValueError(f"FusedMixedPrecisionTrainer: the loss must be a scalar, got shape {tuple(loss.shape)}")
-        self.scaler.scale(loss.float() / self.accumulation_steps).backward()
+        last_micro_step = self._micro_step + 1 == self.accumulation_steps
+        with self._gradient_sync(last_micro_step):
+            with torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+                loss = self._forward(batch)
+            if loss.dim() != 0:
+                raise ValueError(f"FusedMixedPrecisionTrainer: the loss must be a scalar, got shape {tuple(loss.shape)}")
+            self.scaler.scale(loss.float() / self.accumulation_steps).backward()
         detached = loss.detach().float() / self.accumulation_steps
         self._window_loss = detached if self._window_loss is None else self._window_loss + detached
         self._micro_step += 1
@@ -298,6 +310,16 @@ class FusedMixedPrecisionTrainer:
             self._micro_step = 0
         result["step"] = self.step
         return StepResult(result)
+
+    def _gradient_sync(self, sync: bool) -> Any:
+        """Data-parallel wrappers reduce gradients only on the last micro-batch of an accumulation window:
+        DDP through ``no_sync()``, FSDP2 through ``set_requires_gradient_sync``."""
+        if hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        if not sync and isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
 
     def _optimizer_phase(self) -> Dict[str, Tensor]:
         start = self._timer.start()
@@ -339,7 +361,8 @@ class FusedMixedPrecisionTrainer:
             return None
         (grads,) = by_device.values()
         norm, _ = ops.grad_norm(grads)
-        norm = norm.float()
+        # Global over ranks when the scaler is a sharded one (a no-op otherwise).
+        norm, _ = self.scaler._reduce_norm_and_found_inf(norm.float(), torch.zeros((), device=norm.device))
         self.optimizer.grad_scale = ops.clip_coef(norm, max_norm).float().reciprocal()
         try:
             self.optimizer.step()
