@@ -42,7 +42,7 @@ $(PY):
 
 $(DEPS_STAMP): $(PY) Makefile
 	rm -f $(VENV)/.deps-* $(VENV)/.build-*
-	$(PIP) install -q "$(TORCH_SPEC)" numpy pytest pytest-benchmark hypothesis ninja setuptools wheel matplotlib tqdm
+	$(PIP) install -q "$(TORCH_SPEC)" numpy pytest pytest-benchmark hypothesis ninja setuptools wheel matplotlib tqdm "lightning>=2.2"
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)

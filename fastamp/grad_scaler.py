@@ -116,6 +116,7 @@ class GradScaler(torch.amp.GradScaler):
         self._init_skipped_steps = 0
         self._skipped_steps: Optional[Tensor] = None
         self._last_found_inf: Optional[Tensor] = None
+        self._last_skipped_on_host: Optional[bool] = None
 
     # ---- lazily created device state ---------------------------------------------------------------
 
@@ -388,6 +389,10 @@ class GradScaler(torch.amp.GradScaler):
                 self._min_scale,
                 self._max_scale,
             )
+        states = [st for st in self._per_optimizer_states.values() if st["found_inf_per_device"]]
+        self._last_skipped_on_host = (
+            any(st["found_inf_host"] for st in states) if states and all("found_inf_host" in st for st in states) else None
+        )
         if found_inf is not None:
             assert self._skipped_steps is not None
             self._num_steps += 1
@@ -595,6 +600,11 @@ class GradScaler(torch.amp.GradScaler):
             return None
         current = self._combined_found_inf(self._per_optimizer_states.values()) if self._scale is not None else None
         return current if current is not None else self._last_found_inf
+
+    def last_step_skipped_if_known(self) -> Optional[bool]:
+        """Whether the step ended by the last :meth:`update` was skipped, if that is already known on the
+        host (a non-fused optimizer's step had to read it); ``None`` otherwise. Never syncs."""
+        return getattr(self, "_last_skipped_on_host", None)
 
     def last_step_skipped(self) -> bool:
         """Whether the latest step was skipped for inf/nan gradients (reads :attr:`found_inf`: a host sync)."""

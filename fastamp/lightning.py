@@ -1,0 +1,227 @@
+"""Lightning integration: a precision plugin on fastamp.GradScaler and an AMP monitor callback.
+
+    trainer = L.Trainer(plugins=[FusedMixedPrecision("16-mixed", "cuda")], callbacks=[AMPMonitor()],
+                        gradient_clip_val=1.0)
+
+:class:`FusedMixedPrecision` subclasses Lightning's ``MixedPrecision`` plugin: same arguments, same
+checkpoint state (a stock plugin's checkpoint resumes with it, and the other way round), and
+``gradient_clip_algorithm="norm"`` runs on fastamp's fused ops: the clip of gradients that are still
+scaled is fastamp's one-read unscale + inf/nan check + norm, then one write (or, with a ``fused=True``
+optimizer, no write at all: the factor goes to the optimizer, which Lightning's own plugin refuses to
+clip). Needs ``lightning`` (``pip install fastamp[lightning]``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    from lightning.pytorch.utilities import GradClipAlgorithmType
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("fastamp.lightning needs Lightning: pip install 'fastamp[lightning]'") from e
+
+from . import ops
+from .grad_scaler import GradScaler, OptState
+from .trainer import _rss_mb
+
+__all__ = ["AMPMonitor", "FusedMixedPrecision"]
+
+_log = logging.getLogger(__name__)
+_STOCK_KEY = "MixedPrecision"  # where Lightning's own plugin keeps the scaler state in a checkpoint
+
+
+def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
+    return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+
+
+def _handles_unscaling(optimizer: Any) -> bool:
+    return bool(getattr(_unwrap(optimizer), "_step_supports_amp_scaling", False))
+
+
+class FusedMixedPrecision(MixedPrecision):
+    """Lightning's ``MixedPrecision`` plugin on :class:`fastamp.GradScaler` and fused clipping.
+
+    Args:
+        precision: ``"16-mixed"`` (loss scaling) or ``"bf16-mixed"`` (none).
+        device: the autocast device type, ``"cuda"`` or ``"cpu"``.
+        scaler: a :class:`fastamp.GradScaler` (or ``torch.amp.GradScaler``) to use; by default a
+            ``fastamp.GradScaler`` for 16-mixed built with ``scaler_kwargs``.
+        **scaler_kwargs: passed to :class:`fastamp.GradScaler` (``init_scale``, ``growth_interval``,
+            ``hysteresis``, ``min_scale``, ...).
+
+    What changes from the stock plugin: the unscale is fastamp's single pass (fp16 and bf16 grads
+    accepted); ``gradient_clip_algorithm="norm"`` clips through fastamp (one read + one write, none with
+    fused optimizers, whose clipping the stock plugin refuses); in manual optimization
+    ``self.clip_gradients`` unscales before clipping (the stock plugin would clip scaled gradients).
+    ``on_before_optimizer_step`` sees unscaled gradients, as with the stock plugin (fused optimizers:
+    still scaled there, as with the stock plugin).
+    """
+
+    def __init__(
+        self,
+        precision: str = "16-mixed",
+        device: str = "cuda",
+        scaler: Optional[torch.amp.GradScaler] = None,
+        **scaler_kwargs: Any,
+    ) -> None:
+        if scaler is None and precision == "16-mixed":
+            scaler = GradScaler(device, **scaler_kwargs)
+        super().__init__(precision, device, scaler)
+        self.last_grad_norm: Optional[Tensor] = None  # device tensor, before clipping
+        self.last_optimizer_time: Optional[float] = None  # seconds, host clock around the optimizer phase
+        self._phase_start: Optional[float] = None
+
+    # ---- the optimizer phase ---------------------------------------------------------------------
+
+    def _stage(self, optimizer: Any) -> Optional[OptState]:
+        if not isinstance(self.scaler, GradScaler) or not self.scaler.is_enabled():
+            return None
+        return self.scaler._per_optimizer_states[id(_unwrap(optimizer))]["stage"]
+
+    def optimizer_step(self, optimizer: Any, model: "pl.LightningModule", closure: Callable[[], Any], **kwargs: Any) -> Any:
+        if self.scaler is None:
+            self._phase_start = None
+            out = super().optimizer_step(optimizer, model=model, closure=_timed(self, closure), **kwargs)
+            if self._phase_start is not None:
+                self.last_optimizer_time = time.perf_counter() - self._phase_start
+            return out
+        if isinstance(_unwrap(optimizer), torch.optim.LBFGS):
+            return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+        closure_result = closure()
+        self._phase_start = time.perf_counter()
+        skip_unscaling = closure_result is None and model.automatic_optimization
+        if not skip_unscaling and not _handles_unscaling(optimizer) and self._stage(optimizer) in (None, OptState.READY):
+            # Unscaled before on_before_optimizer_step, as the stock plugin does (one fused pass here).
+            self.scaler.unscale_(_unwrap(optimizer))
+        self._after_closure(model, optimizer)
+        if skip_unscaling:
+            return closure_result
+        step_output = self.scaler.step(_unwrap(optimizer), **kwargs)
+        self.scaler.update()
+        self.last_optimizer_time = time.perf_counter() - self._phase_start
+        return step_output
+
+    def clip_gradients(
+        self,
+        optimizer: Any,
+        clip_val: Union[int, float] = 0.0,
+        gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM,
+    ) -> None:
+        if clip_val <= 0:
+            return
+        raw = _unwrap(optimizer)
+        stage = self._stage(raw)
+        if gradient_clip_algorithm == GradClipAlgorithmType.NORM:
+            if stage is OptState.READY:
+                # Still scaled (fused optimizer, or manual optimization): unscale, check and clip in one go.
+                self.last_grad_norm = self.scaler.clip_grad_norm_(raw, clip_val)
+            else:
+                self.last_grad_norm = self._clip_unscaled(raw, float(clip_val))
+            return
+        if stage is OptState.READY:
+            self.scaler.unscale_(raw)
+        torch.nn.utils.clip_grad_value_(list(self.main_params(raw)), clip_value=clip_val)
+
+    def _clip_unscaled(self, optimizer: torch.optim.Optimizer, max_norm: float) -> Tensor:
+        """Clip already-unscaled grads: one read for the norm, one write (skipped on overflow)."""
+        found_inf = None
+        if isinstance(self.scaler, GradScaler) and self.scaler.is_enabled():
+            found_inf = self.scaler.found_inf
+        by_device = GradScaler._grads_by_device([optimizer])
+        if not by_device:
+            return torch.zeros(())
+        if len(by_device) > 1:
+            torch.nn.utils.clip_grad_norm_(list(self.main_params(optimizer)), max_norm)
+            return torch.full((), math.nan)
+        ((device, grads),) = by_device.items()
+        with torch.no_grad():
+            norm, _ = ops.grad_norm(grads)
+            coef = ops.clip_coef(norm, max_norm).float()
+            ops.scale_(grads, coef, found_inf.to(device) if found_inf is not None else None)
+        return norm.float()
+
+    # ---- checkpoints: compatible with the stock plugin both ways -----------------------------------
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        state = self.state_dict()
+        if state:
+            checkpoint[_STOCK_KEY] = state  # so that the stock plugin resumes from this checkpoint
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        if type(self).__qualname__ not in checkpoint and _STOCK_KEY in checkpoint:
+            self.load_state_dict(checkpoint[_STOCK_KEY])
+
+
+def _timed(plugin: FusedMixedPrecision, closure: Callable[[], Any]) -> Callable[[], Any]:
+    """Without a scaler (bf16) the optimizer phase runs inside optimizer.step: time from the closure's end."""
+
+    def run() -> Any:
+        result = closure()
+        plugin._phase_start = time.perf_counter()
+        return result
+
+    return run
+
+
+class AMPMonitor(Callback):
+    """Logs the AMP state every ``log_every_n_steps`` optimizer steps, with no host sync on the others.
+
+    Logged (``amp/...``): ``scale``, ``skipped_steps``, ``grad_norm`` (unscaled, before clipping, when
+    the plugin clipped by norm), ``optimizer_ms`` (host time of the optimizer phase) and ``memory_mb``
+    (CUDA allocated or process RSS). On an overflow the names of the parameters with nan/inf gradients
+    and their counts are logged as a warning and kept in :attr:`overflow_reports`: for every overflow
+    when the optimizer is not fused (its step reads the flag anyway), at the logging steps otherwise.
+    """
+
+    def __init__(self, log_every_n_steps: int = 50) -> None:
+        super().__init__()
+        self.log_every_n_steps = int(log_every_n_steps)
+        self.overflow_reports: List[Tuple[int, List[ops.NonFiniteRecord]]] = []
+        self.logged: List[Dict[str, float]] = []
+
+    @staticmethod
+    def _scaler(trainer: "pl.Trainer") -> Optional[GradScaler]:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        return scaler if isinstance(scaler, GradScaler) and scaler.is_enabled() else None
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        scaler = self._scaler(trainer)
+        log_now = step > 0 and step % self.log_every_n_steps == 0
+        if scaler is not None:
+            skipped = scaler.last_step_skipped_if_known()
+            if skipped is None and log_now:
+                skipped = scaler.last_step_skipped()
+            if skipped and (not self.overflow_reports or self.overflow_reports[-1][0] != step):
+                report = scaler.overflow_report(pl_module)
+                self.overflow_reports.append((step, report))
+                _log.warning("fastamp: step %d skipped; non-finite gradients in %s", step,
+                             ", ".join(f"{r.name} (nan {r.nan}, +inf {r.posinf}, -inf {r.neginf})" for r in report))
+        if not log_now or getattr(self, "_last_logged_step", None) == step:
+            return
+        self._last_logged_step = step
+        plugin = trainer.precision_plugin
+        values: Dict[str, float] = {"amp/memory_mb": (torch.cuda.memory_allocated() / 1e6
+                                                      if torch.cuda.is_available() else _rss_mb())}
+        if scaler is not None:
+            values["amp/scale"] = scaler.get_scale()
+            values["amp/skipped_steps"] = float(scaler.step_counts()["skipped"])
+        norm = getattr(plugin, "last_grad_norm", None)
+        if norm is not None:
+            values["amp/grad_norm"] = float(norm)
+        optimizer_time = getattr(plugin, "last_optimizer_time", None)
+        if optimizer_time is not None:
+            values["amp/optimizer_ms"] = optimizer_time * 1e3
+        self.logged.append({"step": float(step), **values})
+        pl_module.log_dict(values, on_step=True, on_epoch=False)

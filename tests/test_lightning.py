@@ -1,0 +1,148 @@
+"""fastamp.lightning on CPU: the plugin against Lightning's own MixedPrecision plugin, checkpoints both
+ways, manual optimization, and the AMPMonitor callback on an injected overflow."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+L = pytest.importorskip("lightning.pytorch")
+from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
+
+from fastamp import GradScaler  # noqa: E402
+from fastamp.lightning import AMPMonitor, FusedMixedPrecision  # noqa: E402
+
+
+class Regression(L.LightningModule):
+    def __init__(self, fused: bool = False, inject_at=(), manual: bool = False, lr: float = 0.05):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+        self.fused, self.inject_at, self.lr = fused, set(inject_at), lr
+        self.automatic_optimization = not manual
+        self.losses = []
+        self.net[2].weight.register_hook(self._maybe_inject)
+
+    def _maybe_inject(self, grad):
+        if self.global_step in self.inject_at:
+            grad = grad.clone()
+            grad.view(-1)[0] = math.inf
+        return grad
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x).float(), y)
+        self.losses.append(loss.detach())
+        if self.automatic_optimization:
+            return loss
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        self.clip_gradients(opt, gradient_clip_val=0.1, gradient_clip_algorithm="norm")
+        opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, fused=self.fused or None)
+
+
+def data(n=64):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, :1] * 2 - x[:, 1:2]).tanh()
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+
+def fit(module, plugin, max_steps=12, accumulate=1, clip=0.5, callbacks=(), ckpt_path=None, root=None):
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, plugins=[plugin], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        gradient_clip_val=clip if module.automatic_optimization else None,
+                        accumulate_grad_batches=accumulate, callbacks=list(callbacks), default_root_dir=root)
+    trainer.fit(module, data(), ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_trains_with_clipping_and_accumulation_and_matches_the_stock_plugin(precision):
+    ours = Regression()
+    fit(ours, FusedMixedPrecision(precision, "cpu"), max_steps=16, accumulate=2)
+    assert torch.stack(ours.losses[-4:]).mean() < 0.5 * torch.stack(ours.losses[:4]).mean()
+    stock = Regression()
+    fit(stock, MixedPrecision(precision, "cpu"), max_steps=16, accumulate=2)
+    tol = 1e-3 if precision == "16-mixed" else 2e-2
+    torch.testing.assert_close(torch.stack(ours.losses), torch.stack(stock.losses), rtol=tol, atol=tol)
+    for p, q in zip(ours.parameters(), stock.parameters()):
+        torch.testing.assert_close(p, q, rtol=tol, atol=tol)
+
+
+def test_clipping_with_a_fused_optimizer_which_the_stock_plugin_refuses():
+    with pytest.raises(RuntimeError, match="fused"):
+        fit(Regression(fused=True), MixedPrecision("16-mixed", "cpu"), max_steps=2)
+    ours, reference = Regression(fused=True), Regression(fused=False)
+    plugin = FusedMixedPrecision("16-mixed", "cpu")
+    fit(ours, plugin, max_steps=10)
+    fit(reference, MixedPrecision("16-mixed", "cpu"), max_steps=10)
+    assert isinstance(plugin.scaler, GradScaler) and plugin.last_grad_norm is not None
+    for p, q in zip(ours.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
+
+
+def test_checkpoints_resume_across_the_stock_and_fastamp_plugins(tmp_path):
+    for first, second in [(MixedPrecision, FusedMixedPrecision), (FusedMixedPrecision, MixedPrecision)]:
+        module = Regression(inject_at={1, 3})
+        plugin = first("16-mixed", "cpu", GradScaler("cpu", init_scale=2.0**10) if first is FusedMixedPrecision
+                       else torch.amp.GradScaler("cpu", init_scale=2.0**10))
+        trainer = fit(module, plugin, max_steps=5)
+        saved_scale = plugin.scaler.get_scale()
+        assert saved_scale == 2.0**8  # two overflows backed it off twice
+        path = str(tmp_path / f"{first.__name__}.ckpt")
+        trainer.save_checkpoint(path)
+        resumed_plugin = second("16-mixed", "cpu")
+        loaded = {}
+
+        class Capture(L.Callback):
+            def on_train_start(self, trainer, pl_module):
+                loaded["scale"] = trainer.precision_plugin.scaler.get_scale()
+
+        fit(Regression(), resumed_plugin, max_steps=6, callbacks=[Capture()], ckpt_path=path)
+        assert loaded["scale"] == saved_scale, (first.__name__, second.__name__)
+
+
+def test_manual_optimization_clips_unscaled_gradients():
+    module = Regression(manual=True, lr=0.0)
+    plugin = FusedMixedPrecision("16-mixed", "cpu", init_scale=2.0**12)
+    seen = []
+
+    class GradNorms(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in pl_module.parameters()])))
+
+    fit(module, plugin, max_steps=3, callbacks=[GradNorms()])
+    # The clip saw unscaled grads (norm of order 1, not 4096x that) and cut them to 0.1.
+    assert 1e-3 < float(plugin.last_grad_norm) < 100
+    for norm in seen:
+        assert float(norm) == pytest.approx(0.1, rel=1e-4)
+
+
+def test_amp_monitor_logs_and_names_the_overflowing_parameter():
+    module = Regression(inject_at={3})
+    monitor = AMPMonitor(log_every_n_steps=2)
+    plugin = FusedMixedPrecision("16-mixed", "cpu", init_scale=2.0**10)
+    fit(module, plugin, max_steps=8, callbacks=[monitor])
+    assert [step for step, _ in monitor.overflow_reports] == [4]  # global_step after the skipped step 3
+    (record,) = monitor.overflow_reports[0][1]
+    assert record.name == "net.2.weight" and record.posinf == 1
+    by_step = {int(v["step"]): v for v in monitor.logged}
+    assert sorted(by_step) == [2, 4, 6, 8]
+    assert by_step[2]["amp/scale"] == 2.0**10 and by_step[4]["amp/scale"] == 2.0**9
+    assert by_step[2]["amp/skipped_steps"] == 0 and by_step[8]["amp/skipped_steps"] == 1
+    assert all(v["amp/optimizer_ms"] > 0 and v["amp/memory_mb"] > 0 and v["amp/grad_norm"] > 0 for v in monitor.logged)
+
+
+def test_plugin_arguments():
+    assert FusedMixedPrecision("bf16-mixed", "cpu").scaler is None
+    plugin = FusedMixedPrecision("16-mixed", "cpu", hysteresis=2, min_scale=8.0)
+    assert plugin.scaler.get_hysteresis() == 2 and plugin.scaler.get_min_scale() == 8.0
+    with pytest.raises(ValueError, match="Precision must be"):
+        FusedMixedPrecision("32-true", "cpu")
