@@ -1,4 +1,4 @@
-"""The ``fastamp`` command: ``fastamp info``, ``fastamp demo``, ``fastamp bench`` (later: gemm, analyze)."""
+"""The ``fastamp`` command: ``info``, ``demo``, ``bench``, ``gemm``, ``analyze``."""
 
 from __future__ import annotations
 
@@ -12,15 +12,84 @@ __all__ = ["main"]
 
 def _info(args: argparse.Namespace) -> int:
     import fastamp
+    from .analysis import hardware_report
 
     info = fastamp.build_info()
+    hardware = hardware_report()
     if args.json:
-        print(json.dumps(info, indent=2, default=str))
+        print(json.dumps({**info, "hardware": hardware}, indent=2, default=str))
         return 0
     width = max(len(k) for k in info)
     print("fastamp build information")
     for key, value in info.items():
         print(f"  {key:<{width}}  {value}")
+    print("hardware")
+    for key, value in hardware.items():
+        if key not in ("recommendations", "fastamp_kernels"):
+            print(f"  {key:<{width}}  {value}")
+    print("recommendations")
+    for topic, advice in hardware["recommendations"].items():
+        print(f"  {topic:<{width}}  {advice['value']}\n  {'':<{width}}  because {advice['reason']}")
+    return 0
+
+
+def _gemm(args: argparse.Namespace) -> int:
+    from . import gemm
+
+    shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shape] if args.shape else gemm.DEFAULT_SHAPES
+    results = gemm.benchmark_gemm(shapes, dtypes=args.dtype, device=args.device, repeats=args.repeats)
+    print(gemm.format_gemm_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.__dict__ for r in results], f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {gemm.plot_gemm(results, args.plot)}")
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    import torch
+
+    from .analysis import PrecisionAnalyzer, analyze_gradients, plot_gradient_histogram
+    from .gemm import audit_model
+    from .models import build_model, synthetic_batches
+
+    torch.manual_seed(0)
+    model = build_model(args.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = synthetic_batches(model.config, 4, seed=0)
+    for _ in range(args.steps):
+        optimizer.zero_grad()
+        model(**next(batches))["loss"].backward()
+        optimizer.step()
+    report = {
+        "model": args.model,
+        "steps": args.steps,
+        "formats": PrecisionAnalyzer(num_samples=2000).analyze(),
+        "gradients": {str(scale): analyze_gradients(model, loss_scale=scale) for scale in (1.0, 2.0**16)},
+        "alignment_audit": [e.as_dict() for e in audit_model(model, dtype="bf16")],
+    }
+    print(f"precision analysis of the {args.model} test transformer after {args.steps} steps")
+    for name, facts in report["formats"].items():
+        f = facts["facts"]
+        u = facts["gradient_underflow"]
+        print(f"  {name:5} max {f['max']:.3g}  smallest normal {f['smallest_normal']:.3g}  eps {f['eps']:.3g}  "
+              f"digits {f['decimal_digits']}  sweep underflow {u['underflow_rate']:.1%}  "
+              f"recommended scale {u['recommended_loss_scale']:g}")
+    for scale, g in report["gradients"].items():
+        for name, r in g["formats"].items():
+            print(f"  grads x {float(scale):g} in {name}: underflow {r['underflow_fraction']:.2%}, subnormal "
+                  f"{r['subnormal_fraction']:.2%}, overflow {r['overflow_fraction']:.2%}; best scale "
+                  f"{r['best_power_of_two_scale']:g} keeps {r['normal_fraction_at_best_scale']:.2%} normal")
+    for entry in report["alignment_audit"]:
+        print(f"  unaligned {entry['kind']} {entry['name']}: pad {entry['misaligned']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {plot_gradient_histogram(model, args.plot)}")
     return 0
 
 
@@ -89,6 +158,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench.add_argument("--json", default=None, help="write the full results (with raw times) here")
     bench.add_argument("--csv", default=None, help="write one row per case here")
     bench.set_defaults(func=_bench)
+    gemm = sub.add_parser("gemm", help="GEMM TFLOP/s for original vs Tensor-Core-aligned shapes")
+    gemm.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    gemm.add_argument("--dtype", action="append", choices=["fp32", "tf32", "fp16", "bf16", "fp8"],
+                      help="repeatable; default: all the device supports")
+    gemm.add_argument("--shape", action="append", help="MxNxK, repeatable (default: LM-head and off-by-one shapes)")
+    gemm.add_argument("--repeats", type=int, default=None)
+    gemm.add_argument("--json", default=None, help="write the results here")
+    gemm.add_argument("--plot", default=None, help="write a bar chart PNG here")
+    gemm.set_defaults(func=_gemm)
+    analyze = sub.add_parser("analyze", help="precision analysis of the built-in transformer after a few steps")
+    analyze.add_argument("--model", default="tiny", choices=["tiny", "small", "base"])
+    analyze.add_argument("--steps", type=int, default=5)
+    analyze.add_argument("--json", default=None)
+    analyze.add_argument("--plot", default=None, help="write a gradient histogram PNG here")
+    analyze.set_defaults(func=_analyze)
     args = parser.parse_args(argv)
     return args.func(args)
 

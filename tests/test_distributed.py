@@ -24,10 +24,17 @@ SCALE = 2.0**10
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 
+def _run_worker(rank: int, fn, rendezvous: str, *args) -> None:
+    fn(rank, rendezvous, *args)
+    # Leave without running C++ static destructors: a torch background thread sometimes aborts the
+    # process at interpreter teardown ("terminate called without an active exception") after a clean run.
+    os._exit(0)
+
+
 def spawn(fn, *args):
     # A rendezvous file rather than a TCP port: no port to collide with another job on the machine.
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(fn, args=(os.path.join(tmp, "rendezvous"), *args), nprocs=WORLD, join=True)
+        mp.spawn(_run_worker, args=(fn, os.path.join(tmp, "rendezvous"), *args), nprocs=WORLD, join=True)
 
 
 def init(rank: int, rendezvous: str) -> None:
