@@ -17,16 +17,10 @@ import statistics
 import sys
 from typing import Any, Dict, List, Sequence
 
+from fastamp.bench import quantile as _quantile
+
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 DETAIL_WORKLOAD, DETAIL_DTYPE = "gpt2-124M", "fp32"
-
-
-def _quantile(values: List[float], q: float) -> float:
-    values = sorted(values)
-    index = q * (len(values) - 1)
-    low = int(index)
-    high = min(low + 1, len(values) - 1)
-    return values[low] + (values[high] - values[low]) * (index - low)
 
 
 def _fmt(value: Any, spec: str, suffix: str = "") -> str:

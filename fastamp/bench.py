@@ -44,6 +44,7 @@ __all__ = [
     "gpt2_small_shapes",
     "gpt_1_3b_shapes",
     "make_grads",
+    "quantile",
     "run_bench",
     "time_cases",
     "write_csv",
@@ -57,24 +58,23 @@ MAX_NORM = 1.0  # the grads here have norm ~1e3-1e4 once unscaled: the clip is a
 # ---- workloads ----------------------------------------------------------------------------------------
 
 
-def gpt2_small_shapes() -> List[Tuple[int, ...]]:
-    """Parameter shapes of GPT-2 small (124,439,808 parameters in 148 tensors, embeddings tied)."""
-    d, vocab, ctx, layers = 768, 50257, 1024, 12
+def _gpt_shapes(d: int, vocab: int, ctx: int, layers: int) -> List[Tuple[int, ...]]:
+    """Parameter shapes of a GPT-2-style decoder (tied embeddings): embeddings, per-layer LayerNorms,
+    attention and MLP weights and biases, final LayerNorm."""
     shapes: List[Tuple[int, ...]] = [(vocab, d), (ctx, d)]
     for _ in range(layers):
         shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-    shapes += [(d,), (d,)]
-    return shapes
+    return shapes + [(d,), (d,)]
+
+
+def gpt2_small_shapes() -> List[Tuple[int, ...]]:
+    """Parameter shapes of GPT-2 small (124,439,808 parameters in 148 tensors, embeddings tied)."""
+    return _gpt_shapes(d=768, vocab=50257, ctx=1024, layers=12)
 
 
 def gpt_1_3b_shapes() -> List[Tuple[int, ...]]:
     """Parameter shapes of a GPT-3 XL / GPT-Neo 1.3B-style model (d=2048, 24 layers, 1.32B parameters)."""
-    d, vocab, ctx, layers = 2048, 50257, 2048, 24
-    shapes: List[Tuple[int, ...]] = [(vocab, d), (ctx, d)]
-    for _ in range(layers):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-    shapes += [(d,), (d,)]
-    return shapes
+    return _gpt_shapes(d=2048, vocab=50257, ctx=2048, layers=24)
 
 
 def small_tensor_shapes(count: int = 2000, numel: int = 4096) -> List[Tuple[int, ...]]:
@@ -312,7 +312,8 @@ def time_cases(cases: Sequence[BenchCase], state: BenchState, repeats: int, warm
     return records
 
 
-def _quantile(values: Sequence[float], q: float) -> float:
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile of ``values`` (q in [0, 1])."""
     values = sorted(values)
     index = q * (len(values) - 1)
     low = int(index)
@@ -435,7 +436,7 @@ def run_bench(
                     "workload": workload, "dtype": dtype_name, "device": device, "op": case.op,
                     "impl": case.impl, "role": case.role, "baseline": case.baseline,
                     "numel": state.numel, "tensors": len(state.grads), "repeats": len(times),
-                    "median_s": median, "p20_s": _quantile(times, 0.2), "p80_s": _quantile(times, 0.8),
+                    "median_s": median, "p20_s": quantile(times, 0.2), "p80_s": quantile(times, 0.8),
                     "bytes": moved, "gbps": gbps,
                     "pct_copy_bandwidth": 100.0 * gbps / copy_gbps if gbps else None,
                     "times_s": times,

@@ -37,7 +37,8 @@ def _gemm(args: argparse.Namespace) -> int:
     from . import gemm
 
     shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shape] if args.shape else gemm.DEFAULT_SHAPES
-    results = gemm.benchmark_gemm(shapes, dtypes=args.dtype, device=args.device, repeats=args.repeats)
+    dtypes = [d for group in args.dtype for d in group] if args.dtype else None
+    results = gemm.benchmark_gemm(shapes, dtypes=dtypes, device=args.device, repeats=args.repeats)
     print(gemm.format_gemm_table(results))
     if args.json:
         with open(args.json, "w") as f:
@@ -160,8 +161,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench.set_defaults(func=_bench)
     gemm = sub.add_parser("gemm", help="GEMM TFLOP/s for original vs Tensor-Core-aligned shapes")
     gemm.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
-    gemm.add_argument("--dtype", action="append", choices=["fp32", "tf32", "fp16", "bf16", "fp8"],
-                      help="repeatable; default: all the device supports")
+    gemm.add_argument("--dtype", "--dtypes", action="append", type=lambda v: v.split(","),
+                      help="fp32, tf32, fp16, bf16, fp8; repeatable or comma-separated (default: all the device supports)")
     gemm.add_argument("--shape", action="append", help="MxNxK, repeatable (default: LM-head and off-by-one shapes)")
     gemm.add_argument("--repeats", type=int, default=None)
     gemm.add_argument("--json", default=None, help="write the results here")
