@@ -92,11 +92,15 @@ def render_pytest_benchmark(path: str, data: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _load(path: str) -> Dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
+
+
 def render(paths: Sequence[str]) -> str:
     blocks = []
     for path in paths:
-        with open(path) as f:
-            data = json.load(f)
+        data = _load(path)
         if "environment" in data:
             blocks.append(render_fastamp_bench(path, data))
         else:
@@ -108,8 +112,7 @@ def render_readme_block(paths: Sequence[str]) -> str:
     """What the README holds between the markers, from fastamp-bench result files."""
     blocks = []
     for path in paths:
-        with open(path) as f:
-            report = json.load(f)
+        report = _load(path)
         blocks.append(render_fastamp_bench(path, report, detail_only=True))
         blocks.append(render_speedup_matrix(report))
     return "\n\n".join(blocks)

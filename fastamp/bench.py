@@ -424,10 +424,9 @@ def run_bench(
                          f"{len(timed)} cases x {n} repeats, interleaved")
             all_times = dict(zip((c.impl for c in timed), time_cases(timed, state, n, warmup)))
             done += len(group_cases)
-            cases_here = group_cases
             copy_gbps = 2 * state.grad_bytes / statistics.median(all_times[copy_case.impl]) / 1e9
             group_rows: List[Dict[str, Any]] = []
-            for case in cases_here:
+            for case in group_cases:
                 times = all_times[case.impl]
                 median = statistics.median(times)
                 moved = (case.reads + case.writes) * state.grad_bytes

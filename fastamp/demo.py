@@ -20,7 +20,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from .models import MODEL_SIZES, TransformerLM, build_model, synthetic_batches
-from .trainer import FusedMixedPrecisionTrainer, _rss_mb, _Timer, normalize_precision, plot_dashboard
+from .trainer import (FusedMixedPrecisionTrainer, _memory_mb, _read_scalars, _statistics, _Timer, normalize_precision,
+                      plot_dashboard)
 
 __all__ = ["default_precision", "run_demo", "stock_amp_loop"]
 
@@ -76,31 +77,17 @@ def stock_amp_loop(
         norms.append(norm.detach().float())
         scales.append(scaler._scale.clone() if scaler.is_enabled() else torch.ones((), device=device))
         found.append(sum(flags) if flags else torch.zeros((), device=device))
-        memory.append(torch.cuda.memory_allocated(device) / 1e6 if device.type == "cuda" else _rss_mb())
-    read = lambda ts: torch.stack([t.float().reshape(()) for t in ts]).tolist()  # noqa: E731
-    skipped = [v != 0 for v in read(found)]
-    step_s, opt_s = timer.seconds(step_times), timer.seconds(optimizer_times)
-    tokens = sum(b["input_ids"].numel() for b in batches)
-    norm_values = [None if s else n for n, s in zip(read(norms), skipped)]
-    total = len(batches)
-    scale_values = read(scales)
-    return {
-        "total_steps": total,
-        "successful_steps": total - sum(skipped),
-        "overflow_steps": sum(skipped),
-        "overflow_step_indices": [i for i, s in enumerate(skipped) if s],
-        "skipped": skipped,
-        "loss_values": read(losses),
-        "gradient_norms": norm_values,
-        "scale_values": scale_values,
-        "step_times": step_s,
-        "optimizer_times": opt_s,
+        memory.append(_memory_mb(device))
+    return _statistics({
+        "loss_values": _read_scalars(losses),
+        "gradient_norms": _read_scalars(norms),
+        "scale_values": _read_scalars(scales),
+        "skipped": [v != 0 for v in _read_scalars(found)],
+        "step_times": timer.seconds(step_times),
+        "optimizer_times": timer.seconds(optimizer_times),
         "memory_usage": memory,
-        "avg_step_time": sum(step_s) / total,
-        "avg_optimizer_time": sum(opt_s) / total,
-        "max_memory_mb": max(memory),
-        "tokens_per_second": tokens / sum(step_s),
-    }
+        "tokens": [b["input_ids"].numel() for b in batches],
+    })
 
 
 def _summary(stats: Dict[str, Any], warmup: int, tokens_per_step: int) -> Dict[str, float]:

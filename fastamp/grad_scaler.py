@@ -51,6 +51,14 @@ def _kernel_handles(grad: Tensor) -> bool:
     return grad.dtype in _KERNEL_DTYPES or (grad.dtype == torch.float64 and grad.device.type == "cpu")
 
 
+def _split_for_kernels(grads: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+    """(gradients fastamp's ops take, the others)."""
+    fused, other = [], []
+    for g in grads:
+        (fused if _kernel_handles(g) else other).append(g)
+    return fused, other
+
+
 class _PerDevice:
     """Copies of a scalar tensor on each device that asks, made once (non-blocking)."""
 
@@ -161,23 +169,21 @@ class GradScaler(torch.amp.GradScaler):
 
     @staticmethod
     def _unscale_device_(grads: List[Tensor], found_inf: Tensor, inv_scale: Tensor) -> None:
-        fused = [g for g in grads if _kernel_handles(g)]
+        fused, other = _split_for_kernels(grads)
         if fused:
             ops.unscale_check_(fused, found_inf, inv_scale)
-        other: Dict[torch.dtype, List[Tensor]] = defaultdict(list)
-        for g in grads:
-            if not _kernel_handles(g):
-                other[g.dtype].append(g)
-        for same_dtype in other.values():
+        by_dtype: Dict[torch.dtype, List[Tensor]] = defaultdict(list)
+        for g in other:
+            by_dtype[g.dtype].append(g)
+        for same_dtype in by_dtype.values():
             torch._amp_foreach_non_finite_check_and_unscale_(same_dtype, found_inf, inv_scale)
 
     @staticmethod
     def _norm_device(grads: List[Tensor], inv_scale: Optional[Tensor], found_inf: Tensor) -> Tensor:
         """fp32 L2 norm of ``g * inv_scale`` over the grads (one read pass), setting found_inf."""
-        fused = [g for g in grads if _kernel_handles(g)]
+        fused, other = _split_for_kernels(grads)
         total, _ = ops.grad_norm(fused, inv_scale, found_inf)
         total = total.float()
-        other = [g for g in grads if not _kernel_handles(g)]
         if other:
             norms = torch._foreach_norm(other)
             sq = torch.stack([n.double() for n in norms]).square().sum()
@@ -517,7 +523,12 @@ class GradScaler(torch.amp.GradScaler):
             return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
 
         with torch.no_grad():
-            by_device = self._grads_by_device(optimizers)
+            # One walk over each optimizer's parameters; the devices' lists are their concatenation.
+            per_optimizer = [self._grads_by_device([opt]) for opt in optimizers]
+            by_device: Dict[torch.device, List[Tensor]] = defaultdict(list)
+            for grouped in per_optimizer:
+                for device, grads in grouped.items():
+                    by_device[device].extend(grads)
             if self._enabled:
                 assert self._scale is not None
                 home = self._scale.device
@@ -554,8 +565,7 @@ class GradScaler(torch.amp.GradScaler):
             factor = coef if inv_scale is None else inv_scale * coef
             per_device_factor = _PerDevice(factor)
             folded_grad_scale = None
-            for opt in optimizers:
-                opt_devices = self._grads_by_device([opt])
+            for opt, opt_devices in zip(optimizers, per_optimizer):
                 if self._enabled and getattr(opt, "_step_supports_amp_scaling", False):
                     # The fused optimizer divides its grads by grad_scale inside its own step.
                     if folded_grad_scale is None:
@@ -585,12 +595,11 @@ class GradScaler(torch.amp.GradScaler):
 
     @staticmethod
     def _scale_device_(grads: List[Tensor], factor: Tensor, found_inf: Tensor) -> None:
-        fused = [g for g in grads if _kernel_handles(g)]
+        fused, other = _split_for_kernels(grads)
         if fused:
             ops.scale_(fused, factor, found_inf)
-        for g in grads:
-            if not _kernel_handles(g):
-                g.copy_(torch.where(found_inf != 0, g, g * factor.to(g.dtype)))
+        for g in other:
+            g.copy_(torch.where(found_inf != 0, g, g * factor.to(g.dtype)))
 
     @property
     def found_inf(self) -> Optional[Tensor]:
@@ -604,7 +613,7 @@ class GradScaler(torch.amp.GradScaler):
     def last_step_skipped_if_known(self) -> Optional[bool]:
         """Whether the step ended by the last :meth:`update` was skipped, if that is already known on the
         host (a non-fused optimizer's step had to read it); ``None`` otherwise. Never syncs."""
-        return getattr(self, "_last_skipped_on_host", None)
+        return self._last_skipped_on_host
 
     def last_step_skipped(self) -> bool:
         """Whether the latest step was skipped for inf/nan gradients (reads :attr:`found_inf`: a host sync)."""

@@ -59,6 +59,56 @@ def _rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e6
 
 
+def _memory_mb(device: torch.device) -> float:
+    """Memory in use, read on the host: CUDA's allocated bytes on a GPU, the process's RSS on CPU."""
+    return torch.cuda.memory_allocated(device) / 1e6 if device.type == "cuda" else _rss_mb()
+
+
+def _read_scalars(tensors: List[Tensor]) -> List[float]:
+    """0-dim device tensors as floats, in one read."""
+    return torch.stack([t.float().reshape(()) for t in tensors]).tolist() if tensors else []
+
+
+def _statistics(h: Dict[str, List[Any]]) -> Dict[str, Any]:
+    """Totals and averages of a per-step history (the lists of :meth:`FusedMixedPrecisionTrainer._history`);
+    gradient norms of skipped steps become None."""
+    total = len(h["loss_values"])
+    overflow = [i for i, s in enumerate(h["skipped"]) if s]
+    norms = [None if s else n for n, s in zip(h["gradient_norms"], h["skipped"])]
+    finite_norms = [n for n in norms if n is not None and math.isfinite(n)]
+    scale_updates: List[float] = []
+    for s in h["scale_values"]:
+        if not scale_updates or scale_updates[-1] != s:
+            scale_updates.append(s)
+    stats: Dict[str, Any] = {
+        "total_steps": total,
+        "successful_steps": total - len(overflow),
+        "overflow_steps": len(overflow),
+        "overflow_step_indices": overflow,
+        "scale_updates": scale_updates,
+        "scale_values": h["scale_values"],
+        "gradient_norms": norms,
+        "loss_values": h["loss_values"],
+        "step_times": h["step_times"],
+        "optimizer_times": h["optimizer_times"],
+        "memory_usage": h["memory_usage"],
+        "tokens": h["tokens"],
+        "skipped": h["skipped"],
+    }
+    if total:
+        stats.update(
+            success_rate=(total - len(overflow)) / total,
+            overflow_rate=len(overflow) / total,
+            avg_step_time=sum(h["step_times"]) / total,
+            avg_optimizer_time=sum(h["optimizer_times"]) / total,
+            avg_loss=sum(h["loss_values"]) / total,
+            avg_gradient_norm=sum(finite_norms) / len(finite_norms) if finite_norms else 0.0,
+            max_memory_mb=max(h["memory_usage"]) if h["memory_usage"] else 0.0,
+            tokens_per_second=sum(h["tokens"]) / sum(h["step_times"]) if sum(h["step_times"]) > 0 else 0.0,
+        )
+    return stats
+
+
 class StepResult(Mapping):
     """What one :meth:`FusedMixedPrecisionTrainer.train_step` call reports.
 
@@ -301,10 +351,11 @@ class FusedMixedPrecisionTrainer:
             if loss.dim() != 0:
                 raise ValueError(f"FusedMixedPrecisionTrainer: the loss must be a scalar, got shape {tuple(loss.shape)}")
             self.scaler.scale(loss.float() / self.accumulation_steps).backward()
-        detached = loss.detach().float() / self.accumulation_steps
-        self._window_loss = detached if self._window_loss is None else self._window_loss + detached
+        detached = loss.detach().float()
+        share = detached / self.accumulation_steps
+        self._window_loss = share if self._window_loss is None else self._window_loss + share
         self._micro_step += 1
-        result: Dict[str, Any] = {"loss": loss.detach().float(), "stepped": False}
+        result: Dict[str, Any] = {"loss": detached, "stepped": False}
         if self._micro_step == self.accumulation_steps:
             result.update(self._optimizer_phase())
             self._micro_step = 0
@@ -345,10 +396,7 @@ class FusedMixedPrecisionTrainer:
         self._scales.append(scale)
         self._found_infs.append(found_inf.reshape(()))
         self._tokens.append(self._window_tokens)
-        if self.device.type == "cuda":
-            self._memory_mb.append(torch.cuda.memory_allocated(self.device) / 1e6)
-        else:
-            self._memory_mb.append(_rss_mb())
+        self._memory_mb.append(_memory_mb(self.device))
         return {"stepped": True, "skipped": found_inf.reshape(()) != 0, "grad_norm": grad_norm, "scale": scale}
 
     def _unscaled_fused_step(self, max_norm: float) -> Optional[Tensor]:
@@ -425,15 +473,11 @@ class FusedMixedPrecisionTrainer:
 
     def _history(self) -> Dict[str, List[Any]]:
         """Per-step history read to the host (one read per kind of statistic)."""
-
-        def read(tensors: List[Tensor]) -> List[float]:
-            return torch.stack([t.float().reshape(()) for t in tensors]).tolist() if tensors else []
-
         fresh = {
-            "loss_values": read(self._losses),
-            "gradient_norms": read(self._grad_norms),
-            "scale_values": read(self._scales),
-            "skipped": [v != 0 for v in read(self._found_infs)],
+            "loss_values": _read_scalars(self._losses),
+            "gradient_norms": _read_scalars(self._grad_norms),
+            "scale_values": _read_scalars(self._scales),
+            "skipped": [v != 0 for v in _read_scalars(self._found_infs)],
             "step_times": self._timer.seconds(self._step_times),
             "optimizer_times": self._timer.seconds(self._optimizer_times),
             "memory_usage": list(self._memory_mb),
@@ -452,44 +496,12 @@ class FusedMixedPrecisionTrainer:
         ``avg_step_time``, ``avg_optimizer_time``, ``avg_loss``, ``avg_gradient_norm`` (successful
         steps), ``max_memory_mb``, ``tokens_per_second``.
         """
-        h = self._history()
-        total = len(h["loss_values"])
-        overflow = [i for i, s in enumerate(h["skipped"]) if s]
-        norms = [None if s else n for n, s in zip(h["gradient_norms"], h["skipped"])]
-        finite_norms = [n for n in norms if n is not None and math.isfinite(n)]
-        scale_updates: List[float] = []
-        for s in h["scale_values"]:
-            if not scale_updates or scale_updates[-1] != s:
-                scale_updates.append(s)
         stats: Dict[str, Any] = {
             "precision": self.precision,
             "loss_scaling": self.loss_scaling,
             "accumulation_steps": self.accumulation_steps,
-            "total_steps": total,
-            "successful_steps": total - len(overflow),
-            "overflow_steps": len(overflow),
-            "overflow_step_indices": overflow,
-            "scale_updates": scale_updates,
-            "scale_values": h["scale_values"],
-            "gradient_norms": norms,
-            "loss_values": h["loss_values"],
-            "step_times": h["step_times"],
-            "optimizer_times": h["optimizer_times"],
-            "memory_usage": h["memory_usage"],
-            "tokens": h["tokens"],
-            "skipped": h["skipped"],
+            **_statistics(self._history()),
         }
-        if total:
-            stats.update(
-                success_rate=(total - len(overflow)) / total,
-                overflow_rate=len(overflow) / total,
-                avg_step_time=sum(h["step_times"]) / total,
-                avg_optimizer_time=sum(h["optimizer_times"]) / total,
-                avg_loss=sum(h["loss_values"]) / total,
-                avg_gradient_norm=sum(finite_norms) / len(finite_norms) if finite_norms else 0.0,
-                max_memory_mb=max(h["memory_usage"]) if h["memory_usage"] else 0.0,
-                tokens_per_second=sum(h["tokens"]) / sum(h["step_times"]) if sum(h["step_times"]) > 0 else 0.0,
-            )
         if self.device.type == "cuda":
             stats["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 1e6
         return stats
