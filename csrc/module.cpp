@@ -11,6 +11,21 @@
 #ifndef FASTAMP_TORCH_VERSION
 #define FASTAMP_TORCH_VERSION ""
 #endif
+#ifndef FASTAMP_SOURCE_HASH
+#define FASTAMP_SOURCE_HASH ""
+#endif
+
+#if defined(_MSC_VER)
+#define FASTAMP_KEEP extern "C" __declspec(dllexport)
+#else
+#define FASTAMP_KEEP extern "C" __attribute__((used, visibility("default")))
+#endif
+
+// Read from the file by fastamp/_build.py before the module is loaded, so that a module built for
+// another torch is never loaded (loading it can crash or fail on missing libraries).
+FASTAMP_KEEP const char fastamp_build_record[] = "FASTAMP_BUILD_RECORD{torch=" FASTAMP_TORCH_VERSION
+                                                 ";cuda=" FASTAMP_CUDA_VERSION ";archs=" FASTAMP_CUDA_ARCHS
+                                                 ";source=" FASTAMP_SOURCE_HASH "}";
 
 static PyModuleDef fastamp_module = {PyModuleDef_HEAD_INIT, "_C", "fastamp compiled kernels", -1, nullptr};
 
@@ -20,6 +35,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyModule_AddStringConstant(module, "cuda_archs", FASTAMP_CUDA_ARCHS);
   PyModule_AddStringConstant(module, "cuda_version", FASTAMP_CUDA_VERSION);
   PyModule_AddStringConstant(module, "torch_version", FASTAMP_TORCH_VERSION);
+  PyModule_AddStringConstant(module, "source_hash", FASTAMP_SOURCE_HASH);
 #if defined(_OPENMP)
   PyModule_AddIntConstant(module, "openmp", 1);
 #else

@@ -1,37 +1,124 @@
 """Loads the compiled kernels (``fastamp._C``) and fills any gap with the reference implementation.
 
-Loading is wrapped: a missing or broken build never breaks ``import fastamp``; the ops then run the
-pure-PyTorch reference, and :func:`fastamp.build_info` says why.
+In order:
+1. the ahead-of-time build installed with the package (``pip install --no-build-isolation``), if its
+   build record says it was compiled for the running torch;
+2. a build in the JIT cache for this torch, these sources and the visible GPUs (``fastamp build``
+   puts one there ahead of time);
+3. compiling one into the cache now (unless ``FASTAMP_JIT=0``), which prints one line on stderr;
+4. otherwise the pure-PyTorch reference, with one :class:`KernelFallbackWarning` saying why and what
+   to do.
+
+A missing or broken build never breaks ``import fastamp``; :func:`fastamp.build_info` says which of
+the above is in use and from where.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from typing import Any, Dict, List
+import sys
+import warnings
+from typing import Any, Dict, List, Optional
 
 import torch
 
+from . import _build
 from .ops import _library, _reference
 
-__all__ = ["EXTENSION", "dispatch_keys_with_kernel", "extension_status"]
+__all__ = ["EXTENSION", "KernelFallbackWarning", "dispatch_keys_with_kernel", "extension_status"]
 
 _DISPATCH_KEYS = ("CPU", "CUDA")
+MODE_AOT = "ahead-of-time"
+MODE_JIT = "jit"
+MODE_REFERENCE = "reference"
+
+
+class KernelFallbackWarning(RuntimeWarning):
+    """fastamp's compiled kernels are not in use (or not for every device): the reference runs."""
+
+
+def _import_module(path: str) -> Any:
+    spec = importlib.util.spec_from_file_location("fastamp._C", path)
+    module = importlib.util.module_from_spec(spec)  # dlopen: registers the kernels
+    spec.loader.exec_module(module)
+    sys.modules["fastamp._C"] = module
+    return module
+
+
+def _jit_toolchain(problems: List[str]) -> _build.Toolchain:
+    """What a JIT build here compiles for: CPU always; CUDA for the visible GPUs' archs when torch is
+    a CUDA build and a toolkit is found."""
+    if torch.version.cuda is None:
+        return _build.Toolchain(torch.__version__, None)
+    archs = _build.visible_gpu_archs()
+    if not archs:
+        return _build.Toolchain(torch.__version__, torch.version.cuda)
+    cuda_home = _build.find_cuda_home()
+    if cuda_home is None:
+        problems.append("no CUDA toolkit (nvcc) was found to compile the CUDA kernels: set CUDA_HOME")
+        return _build.Toolchain(torch.__version__, torch.version.cuda)
+    return _build.Toolchain(torch.__version__, torch.version.cuda, cuda_home, _build.nvcc_version(cuda_home),
+                            tuple(archs))
+
+
+def _load_jit(status: Dict[str, Any], problems: List[str]) -> bool:
+    root = _build.source_dir()
+    if root is None:
+        problems.append("the C++/CUDA sources are not installed (no fastamp/_csrc), so nothing can be compiled")
+        return False
+    tools = _jit_toolchain(problems)
+    status["jit_cache"] = str(_build.cache_root())
+    digest = _build.source_hash(root)
+    slot = _build.cache_slot(digest, tools.torch_version, tools.torch_cuda)
+    found = _build.find_cached(slot, tools.torch_version, digest, tools.cuda_archs)
+    if found is None:
+        if os.environ.get("FASTAMP_JIT") == "0":
+            problems.append(f"FASTAMP_JIT=0 forbids compiling and the cache ({_build.cache_root()}) holds no build "
+                            f"for torch {torch.__version__} ({tools.describe()}): run `fastamp build` once")
+            return False
+        try:
+            found = _build.compile_into_cache(tools)
+        except _build.BuildError as exc:
+            problems.append(str(exc))
+            return False
+        except OSError as exc:
+            problems.append(f"compiling into {_build.cache_root()} failed: {exc} (FASTAMP_CACHE_DIR moves the cache)")
+            return False
+    try:
+        module = _import_module(found.path)
+    except (ImportError, OSError) as exc:
+        problems.append(f"the cached build {found.path} failed to load: {exc}")
+        return False
+    status.update(loaded=True, mode=MODE_JIT, path=found.path, module=module, compiled_now=found.compiled_now)
+    return True
 
 
 def _load() -> Dict[str, Any]:
-    status: Dict[str, Any] = {"loaded": False, "error": None, "path": None, "module": None}
+    status: Dict[str, Any] = {"loaded": False, "mode": MODE_REFERENCE, "error": None, "path": None, "module": None,
+                              "compiled_now": False, "jit_cache": None}
     if os.environ.get("FASTAMP_DISABLE_EXTENSION") == "1":
         status["error"] = "disabled by FASTAMP_DISABLE_EXTENSION=1"
         return status
-    try:
-        from . import _C  # type: ignore[attr-defined]  # noqa: F401  (registers the kernels on import)
-    except ImportError as exc:  # not built (pure-Python install) or built against another torch
-        status["error"] = f"{type(exc).__name__}: {exc}"
+    problems: List[str] = []
+    spec = importlib.util.find_spec("fastamp._C")
+    if spec is not None and spec.origin and os.path.isfile(spec.origin):
+        record = _build.build_record(spec.origin)
+        if record is None:
+            problems.append(f"{spec.origin} carries no build record (built by an older fastamp): rebuild it")
+        elif record.get("torch") != torch.__version__:
+            problems.append(f"{spec.origin} was built for torch {record.get('torch')}, but torch {torch.__version__} "
+                            "is running")
+        else:
+            try:
+                status.update(loaded=True, mode=MODE_AOT, path=spec.origin, module=_import_module(spec.origin))
+                return status
+            except (ImportError, OSError) as exc:  # a library it needs is missing
+                problems.append(f"{spec.origin} failed to load: {type(exc).__name__}: {exc}")
+    if not _load_jit(status, problems):
+        status["error"] = "; ".join(problems) or "no compiled kernels"
         return status
-    except OSError as exc:  # a shared library it needs could not be loaded
-        status["error"] = f"{type(exc).__name__}: {exc}"
-        return status
-    status.update(loaded=True, path=getattr(_C, "__file__", None), module=_C)
+    status["notes"] = problems
     return status
 
 
@@ -51,13 +138,37 @@ for _op in _library.OP_NAMES:
             _REFERENCE_KEYS.setdefault(_key, []).append(_op)
 
 
+def _fallback_warning() -> Optional[str]:
+    if EXTENSION["error"] == "disabled by FASTAMP_DISABLE_EXTENSION=1":
+        return None  # asked for
+    if not EXTENSION["loaded"]:
+        return (f"fastamp: compiled kernels are not in use, the ops run the pure-PyTorch reference (many times "
+                f"slower). Why: {EXTENSION['error']}. What to do: install a C++ compiler and ninja and let fastamp "
+                "compile on first use, run `fastamp build` to see the compiler's messages, or reinstall with "
+                "`pip install --no-build-isolation .` against this torch.")
+    if "CUDA" in _REFERENCE_KEYS and torch.version.cuda is not None and _build.visible_gpu_archs():
+        notes = "; ".join(EXTENSION.get("notes") or []) or f"{EXTENSION['path']} was built without CUDA kernels"
+        return (f"fastamp: no CUDA kernels are in use, CUDA tensors run the pure-PyTorch reference. Why: {notes}. "
+                "What to do: make nvcc findable (CUDA_HOME) and run `fastamp build`, or rebuild with a CUDA toolkit.")
+    return None
+
+
+_WARNING = _fallback_warning()
+if _WARNING:
+    warnings.warn(_WARNING, KernelFallbackWarning, stacklevel=2)
+
+
 def extension_status() -> Dict[str, Any]:
-    """What was loaded: the extension (or why not) and which dispatch keys run the reference."""
+    """What was loaded: which kernels are in use (ahead-of-time, jit or reference) and from where,
+    why not where they are not, and which dispatch keys run the reference."""
     module = EXTENSION["module"]
     return {
+        "kernels": EXTENSION["mode"],
         "extension_loaded": EXTENSION["loaded"],
         "extension_error": EXTENSION["error"],
         "extension_path": EXTENSION["path"],
+        "compiled_on_this_import": EXTENSION["compiled_now"],
+        "jit_cache": EXTENSION["jit_cache"] or str(_build.cache_root()),
         "cpu_kernels": EXTENSION["loaded"] and "CPU" not in _REFERENCE_KEYS,
         "cuda_kernels": EXTENSION["loaded"] and "CUDA" not in _REFERENCE_KEYS,
         "cuda_archs": getattr(module, "cuda_archs", "").split(",") if getattr(module, "cuda_archs", "") else [],
@@ -65,4 +176,5 @@ def extension_status() -> Dict[str, Any]:
         "compiled_torch_version": getattr(module, "torch_version", None),
         "openmp": bool(getattr(module, "openmp", 0)) if module else False,
         "reference_fallback": {key: list(ops) for key, ops in _REFERENCE_KEYS.items()},
+        "warning": _WARNING,
     }

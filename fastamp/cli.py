@@ -1,9 +1,10 @@
-"""The ``fastamp`` command: ``info``, ``demo``, ``bench``, ``gemm``, ``analyze``."""
+"""The ``fastamp`` command: ``info``, ``check``, ``build``, ``demo``, ``bench``, ``gemm``, ``analyze``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -30,6 +31,54 @@ def _info(args: argparse.Namespace) -> int:
     print("recommendations")
     for topic, advice in hardware["recommendations"].items():
         print(f"  {topic:<{width}}  {advice['value']}\n  {'':<{width}}  because {advice['reason']}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from . import check
+
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+
+    def progress(result: "check.CheckResult") -> None:
+        print(check.format_result(result), flush=True)
+
+    report = check.run_checks(devices, progress=progress)
+    print(check.format_report(report))
+    if args.json:
+        report.write_json(args.json)
+        print(f"wrote {args.json}")
+    return check.main_exit_code(report)
+
+
+def _build_kernels(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import _build
+
+    if args.cuda_arch:
+        archs = _build.parse_arch_list(args.cuda_arch)
+    elif args.cpu_only or torch.version.cuda is None:
+        archs = []
+    else:
+        archs = _build.parse_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST", "")) or _build.visible_gpu_archs()
+    cuda_home = _build.find_cuda_home() if archs else None
+    if archs and torch.version.cuda is None:
+        print(f"fastamp build: torch {torch.__version__} is a CPU-only build; it cannot run CUDA kernels", file=sys.stderr)
+        return 2
+    if archs and cuda_home is None:
+        print("fastamp build: no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)", file=sys.stderr)
+        return 2
+    if not archs and torch.version.cuda is not None and not args.cpu_only:
+        print("fastamp build: no GPU visible and no --cuda-arch: building the CPU kernels only", file=sys.stderr)
+    tools = _build.Toolchain(torch.__version__, torch.version.cuda, cuda_home,
+                             _build.nvcc_version(cuda_home) if cuda_home else (0, 0), tuple(archs))
+    try:
+        built = _build.compile_into_cache(tools, force=args.force, verbose=args.verbose)
+    except _build.BuildError as exc:
+        print(f"fastamp build: {exc}", file=sys.stderr)
+        return 1
+    state = f"compiled in {built.seconds:.0f} s" if built.compiled_now else "already in the cache"
+    print(f"fastamp kernels for torch {tools.torch_version}, {tools.describe()}: {state}\n  {built.path}")
     return 0
 
 
@@ -135,6 +184,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     info = sub.add_parser("info", help="how fastamp was built: kernels, CUDA archs, fallbacks")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_info)
+    check = sub.add_parser("check", help="check fastamp's kernels and scaler against PyTorch on this machine")
+    check.add_argument("--device", default="cpu", choices=["cpu", "cuda", "all"])
+    check.add_argument("--json", default=None, help="write the results here")
+    check.set_defaults(func=_check)
+    build = sub.add_parser("build", help="compile the kernels into the cache ahead of time (Docker images, clusters)")
+    build.add_argument("--cuda-arch", default=None,
+                       help="archs to compile for, e.g. '8.0;9.0' (default: TORCH_CUDA_ARCH_LIST, else the visible GPUs)")
+    build.add_argument("--cpu-only", action="store_true", help="compile the CPU kernels only")
+    build.add_argument("--force", action="store_true", help="compile even if the cache holds this build")
+    build.add_argument("--verbose", action="store_true", help="show the compiler's commands and output")
+    build.set_defaults(func=_build_kernels)
     demo = sub.add_parser("demo", help="train the test transformer with stock AMP and with fastamp, side by side")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     demo.add_argument("--precision", default=None,

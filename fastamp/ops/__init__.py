@@ -17,14 +17,18 @@ import torch
 from torch import Tensor
 
 from .. import _extension  # noqa: F401  (loads the kernels and registers fallbacks)
+from . import _reference as reference  # the pure-PyTorch implementation: the fallback and the test oracle
+from ._library import OP_NAMES
 from ._reference import NonFiniteRecord
 from ._reference import nonfinite_report as _nonfinite_report
 
 __all__ = [
     "NonFiniteRecord",
+    "OP_NAMES",
     "clip_coef",
     "grad_norm",
     "nonfinite_report",
+    "reference",
     "scale_",
     "unscale_check_",
     "unscale_check_norm_",
