@@ -15,6 +15,7 @@ the above is in use and from where.
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -44,6 +45,16 @@ def _import_module(path: str) -> Any:
     spec.loader.exec_module(module)
     sys.modules["fastamp._C"] = module
     return module
+
+
+def _ahead_of_time_build() -> Optional[str]:
+    """The ``_C`` module installed in this package's folder by setup.py, if any."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(here, "_C" + suffix)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def _jit_toolchain(problems: List[str]) -> _build.Toolchain:
@@ -101,20 +112,20 @@ def _load() -> Dict[str, Any]:
         status["error"] = "disabled by FASTAMP_DISABLE_EXTENSION=1"
         return status
     problems: List[str] = []
-    spec = importlib.util.find_spec("fastamp._C")
-    if spec is not None and spec.origin and os.path.isfile(spec.origin):
-        record = _build.build_record(spec.origin)
+    installed = _ahead_of_time_build()
+    if installed is not None:
+        record = _build.build_record(installed)
         if record is None:
-            problems.append(f"{spec.origin} carries no build record (built by an older fastamp): rebuild it")
+            problems.append(f"{installed} carries no build record (built by an older fastamp): rebuild it")
         elif record.get("torch") != torch.__version__:
-            problems.append(f"{spec.origin} was built for torch {record.get('torch')}, but torch {torch.__version__} "
+            problems.append(f"{installed} was built for torch {record.get('torch')}, but torch {torch.__version__} "
                             "is running")
         else:
             try:
-                status.update(loaded=True, mode=MODE_AOT, path=spec.origin, module=_import_module(spec.origin))
+                status.update(loaded=True, mode=MODE_AOT, path=installed, module=_import_module(installed))
                 return status
             except (ImportError, OSError) as exc:  # a library it needs is missing
-                problems.append(f"{spec.origin} failed to load: {type(exc).__name__}: {exc}")
+                problems.append(f"{installed} failed to load: {type(exc).__name__}: {exc}")
     if not _load_jit(status, problems):
         status["error"] = "; ".join(problems) or "no compiled kernels"
         return status
@@ -168,6 +179,7 @@ def extension_status() -> Dict[str, Any]:
         "extension_error": EXTENSION["error"],
         "extension_path": EXTENSION["path"],
         "compiled_on_this_import": EXTENSION["compiled_now"],
+        "builds_passed_over": list(EXTENSION.get("notes") or []),
         "jit_cache": EXTENSION["jit_cache"] or str(_build.cache_root()),
         "cpu_kernels": EXTENSION["loaded"] and "CPU" not in _REFERENCE_KEYS,
         "cuda_kernels": EXTENSION["loaded"] and "CUDA" not in _REFERENCE_KEYS,
