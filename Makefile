@@ -1,6 +1,7 @@
 # Each target does all the set-up it needs, from a fresh clone on a fresh machine:
 #   make demo   builds fastamp in .venv and runs the main job
 #   make test   builds fastamp in .venv and runs the whole test suite (slow cases included)
+#   make gpu-check OUT=dir   on a GPU machine, with the torch already there: build, check, test, sanitize, bench
 # Re-running is quick: nothing is reinstalled or rebuilt unless its inputs changed.
 #
 # TORCH_SPEC picks torch. The default is the CUDA 13.0 build (matches nvcc 13.0, runs on CPU too), so
@@ -18,7 +19,9 @@ SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '
 
 export MAX_JOBS
 
-.PHONY: demo test test-fast bench info clean
+OUT ?= gpu-check-results
+
+.PHONY: demo test test-fast bench info gpu-check clean
 
 demo: $(BUILD_STAMP)
 	$(VENV)/bin/fastamp info
@@ -33,6 +36,10 @@ test: $(BUILD_STAMP)
 
 test-fast: $(BUILD_STAMP)
 	FASTAMP_EXPECT_EXTENSION=1 $(PY) -m pytest tests -m "not slow"
+
+# For a GPU machine with torch installed and no network: no venv, no downloads; PYTHON's torch as it is.
+gpu-check:
+	$(PYTHON) tools/gpu_check.py --out $(OUT)
 
 bench: $(BUILD_STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only

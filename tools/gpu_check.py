@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""``make gpu-check OUT=dir``: the whole GPU verification of fastamp in one command.
+
+For a machine with an NVIDIA GPU and torch already installed, no internet: no venv, no downloads;
+it uses the interpreter that runs it and its torch as they are. Phases, each with a time budget, all
+logs and results written into OUT with summary.json and summary.md:
+
+  build      compile the kernels for the visible GPU's arch only (fastamp build, into a JIT cache)
+  check      fastamp check --device cuda
+  pytest     pytest tests/cuda
+  memcheck   compute-sanitizer --tool memcheck over a reduced CUDA workload (tools/sanitizer_workload.py)
+  racecheck  compute-sanitizer --tool racecheck over the same workload
+  bench      fastamp bench --device cuda --json
+  gemm       fastamp gemm --device cuda --json --plot
+  demo       fastamp demo --device cuda --precision fp16
+
+The whole run keeps within --budget seconds (default 480): a phase gets the smaller of its budget and
+what is left, and phases that no longer fit are skipped, saying so. Without a GPU it builds, says
+there is no GPU and exits 2. Exit code 1 if any phase failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Phase:
+    name: str
+    command: List[str]
+    budget_s: int
+    needs_gpu: bool = True
+    status: str = "pending"  # PASS, FAIL, TIMEOUT, SKIP
+    returncode: Optional[int] = None
+    seconds: float = 0.0
+    log: str = ""
+    note: str = ""
+
+
+@dataclass
+class Summary:
+    started: str
+    budget_s: int
+    gpu: Optional[str]
+    python: str
+    phases: List[Phase] = field(default_factory=list)
+    build_info: Dict[str, object] = field(default_factory=dict)
+
+
+def _gpu_name(python: str, env: Dict[str, str]) -> Optional[str]:
+    code = ("import torch; print(torch.cuda.get_device_name(0) + ' (sm_%d%d)' % torch.cuda.get_device_capability(0) "
+            "if torch.cuda.is_available() else '')")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    if out.returncode != 0:
+        raise SystemExit(f"fastamp gpu-check: {python} cannot import torch:\n{out.stderr[-2000:]}\n"
+                         "set PYTHON= to an interpreter that has torch")
+    name = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+    return name or None
+
+
+def _phases(python: str, out: Path) -> List[Phase]:
+    fastamp = [python, "-m", "fastamp.cli"]
+    sanitizer = shutil.which("compute-sanitizer") or "compute-sanitizer"
+    workload = [python, str(ROOT / "tools" / "sanitizer_workload.py")]
+    return [
+        Phase("build", fastamp + ["build"], 300, needs_gpu=False),
+        Phase("check", fastamp + ["check", "--device", "cuda", "--json", str(out / "check.json")], 90),
+        Phase("pytest", [python, "-m", "pytest", "tests/cuda", "-q", "-ra", "-p", "no:cacheprovider",
+                         f"--junitxml={out / 'pytest-cuda.xml'}"], 150),
+        Phase("memcheck", [sanitizer, "--tool", "memcheck", "--error-exitcode", "1"] + workload, 75),
+        Phase("racecheck", [sanitizer, "--tool", "racecheck", "--error-exitcode", "1"] + workload, 75),
+        Phase("bench", fastamp + ["bench", "--device", "cuda", "--workload", "gpt2-124M", "--workload", "gpt-1.3B",
+                                  "--workload", "2000x4K", "--json", str(out / "fastamp-bench-cuda.json"),
+                                  "--csv", str(out / "fastamp-bench-cuda.csv")], 120),
+        Phase("gemm", fastamp + ["gemm", "--device", "cuda", "--json", str(out / "gemm-cuda.json"),
+                                 "--plot", str(out / "gemm-cuda.png")], 60),
+        Phase("demo", fastamp + ["demo", "--device", "cuda", "--precision", "fp16", "--no-progress",
+                                 "--out", str(out / "demo")], 60),
+    ]
+
+
+def _run(phase: Phase, env: Dict[str, str], out: Path, timeout: float) -> None:
+    log_path = out / f"{phase.name}.log"
+    phase.log = log_path.name
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(phase.command) + "\n")
+        log.flush()
+        try:
+            process = subprocess.Popen(phase.command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                       start_new_session=True)
+        except OSError as exc:
+            phase.status, phase.note = "FAIL", f"could not start: {exc}"
+            return
+        try:
+            phase.returncode = process.wait(timeout=timeout)
+            phase.status = "PASS" if phase.returncode == 0 else "FAIL"
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()
+            phase.status, phase.note = "TIMEOUT", f"stopped after {timeout:.0f} s"
+    phase.seconds = round(time.perf_counter() - started, 1)
+    with open(log_path) as log:
+        tail = log.read().strip().splitlines()[-1:] or [""]
+    if not phase.note:
+        phase.note = tail[0][:200]
+
+
+def _write_summary(summary: Summary, out: Path) -> None:
+    (out / "summary.json").write_text(json.dumps(asdict(summary), indent=1, default=str))
+    lines = [f"# fastamp gpu-check, {summary.started}", "",
+             f"GPU: {summary.gpu or 'none'}; python: {summary.python}; budget {summary.budget_s} s; kernels: "
+             f"{summary.build_info.get('kernels')} ({summary.build_info.get('extension_path')})", "",
+             "| phase | status | seconds | budget | log | note |", "|---|---|---|---|---|---|"]
+    for p in summary.phases:
+        lines.append(f"| {p.name} | {p.status} | {p.seconds} | {p.budget_s} | {p.log} | {p.note.replace('|', '/')} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="gpu-check-results", help="folder for logs, JSON, PNG and the summary")
+    parser.add_argument("--budget", type=int, default=480, help="seconds for the whole run (default 480)")
+    parser.add_argument("--python", default=sys.executable, help="interpreter whose torch to use")
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.perf_counter() + args.budget
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    # Outside OUT: OUT travels back from remote machines, the compiled module need not.
+    env.setdefault("FASTAMP_CACHE_DIR", os.path.join(tempfile.gettempdir(), "fastamp-gpu-check-cache"))
+    env.update(FASTAMP_EXPECT_EXTENSION="1", FASTAMP_EXPECT_CUDA_KERNELS="1", PYTHONUNBUFFERED="1")
+    gpu = _gpu_name(args.python, env)
+    summary = Summary(time.strftime("%Y-%m-%d %H:%M:%S"), args.budget, gpu, args.python)
+    print(f"fastamp gpu-check: GPU {gpu or 'none'}, results in {out}", flush=True)
+    for phase in _phases(args.python, out):
+        summary.phases.append(phase)
+        left = deadline - time.perf_counter()
+        if phase.needs_gpu and gpu is None:
+            phase.status, phase.note = "SKIP", "no GPU"
+        elif left < 15:
+            phase.status, phase.note = "SKIP", f"no time left ({left:.0f} s of the {args.budget} s budget)"
+        else:
+            _run(phase, env, out, min(phase.budget_s, left))
+        print(f"  {phase.name:10} {phase.status:7} {phase.seconds:6.1f} s  {phase.note}", flush=True)
+        _write_summary(summary, out)
+        if phase.name == "build" and phase.status != "PASS":
+            break
+    info = subprocess.run([args.python, "-m", "fastamp.cli", "info", "--json"], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=120)
+    try:
+        summary.build_info = {k: v for k, v in json.loads(info.stdout).items() if k != "hardware"}
+    except json.JSONDecodeError:
+        summary.build_info = {"error": info.stderr[-2000:]}
+    _write_summary(summary, out)
+    print(f"wrote {out / 'summary.md'}")
+    if gpu is None:
+        print("fastamp gpu-check: no GPU visible here; built the CPU kernels only", flush=True)
+        return 2
+    return 1 if any(p.status in ("FAIL", "TIMEOUT") for p in summary.phases) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
