@@ -270,3 +270,31 @@ def test_isolated_pip_install_compiles_on_first_use_once_across_concurrent_proce
 
     info, stderr = _probe(str(python), _env(FASTAMP_CACHE_DIR=str(tmp_path / "empty"), FASTAMP_JIT="0"), tmp_path)
     assert info["kernels"] == "reference" and "KernelFallbackWarning" in stderr and "FASTAMP_JIT=0" in stderr
+
+
+@pytest.mark.slow
+def test_fastamp_build_fills_the_cache_for_jit_0_and_gpu_check_without_a_gpu_exits_2(tmp_path):
+    """The Docker flow: `fastamp build` ahead of time, then FASTAMP_JIT=0 at run time uses that build;
+    and `make gpu-check`'s driver on a machine without a GPU builds, says so and exits 2."""
+    package = _package_copy(tmp_path / "pkg")
+    shutil.copytree(ROOT / "tools", package / "tools")
+    env = _env(FASTAMP_JIT="0", FASTAMP_CACHE_DIR=str(tmp_path / "cache"), MAX_JOBS="2", CUDA_VISIBLE_DEVICES="")
+    build = subprocess.run([sys.executable, "-m", "fastamp.cli", "build", "--cpu-only"], env=env, cwd=package,
+                           capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stdout + build.stderr
+    assert "compiled in" in build.stdout and "compiling kernels for torch" in build.stderr
+    again = subprocess.run([sys.executable, "-m", "fastamp.cli", "build", "--cpu-only"], env=env, cwd=package,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already in the cache" in again.stdout, again.stdout + again.stderr
+    info, stderr = _probe(sys.executable, env, package)
+    assert info["kernels"] == "jit" and not info["compiled_on_this_import"] and "KernelFallbackWarning" not in stderr
+
+    out = tmp_path / "gpu-check"
+    run = subprocess.run([sys.executable, str(package / "tools" / "gpu_check.py"), "--out", str(out)], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "no GPU" in run.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    statuses = {p["name"]: p["status"] for p in summary["phases"]}
+    assert statuses.pop("build") == "PASS" and set(statuses.values()) == {"SKIP"}
+    assert summary["build_info"]["kernels"] == "jit" and (out / "summary.md").is_file()
