@@ -271,6 +271,18 @@ def test_isolated_pip_install_compiles_on_first_use_once_across_concurrent_proce
     info, stderr = _probe(str(python), _env(FASTAMP_CACHE_DIR=str(tmp_path / "empty"), FASTAMP_JIT="0"), tmp_path)
     assert info["kernels"] == "reference" and "KernelFallbackWarning" in stderr and "FASTAMP_JIT=0" in stderr
 
+    # The other isolated installs users type: editable, and from a git URL; both find the same sources,
+    # so the build in the cache is reused.
+    others = [["-e", str(clone)]] + ([[f"git+file://{clone}"]] if (clone / ".git").exists() else [])
+    for spec in others:
+        subprocess.run([str(python), "-m", "pip", "uninstall", "-qy", "fastamp"], check=True)
+        install = subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", *spec],
+                                 capture_output=True, text=True, timeout=1800)
+        assert install.returncode == 0, install.stdout + install.stderr
+        assert "Collecting torch" not in install.stdout and torch_installed() == torch_before
+        info, stderr = _probe(str(python), env, tmp_path)
+        assert info["kernels"] == "jit" and not info["compiled_on_this_import"], (spec, info, stderr)
+
 
 @pytest.mark.slow
 def test_fastamp_build_fills_the_cache_for_jit_0_and_gpu_check_without_a_gpu_exits_2(tmp_path):
