@@ -11,6 +11,9 @@
 #ifndef FASTAMP_TORCH_VERSION
 #define FASTAMP_TORCH_VERSION ""
 #endif
+#ifndef FASTAMP_BLOCK_SHAPE
+#define FASTAMP_BLOCK_SHAPE ""
+#endif
 #ifndef FASTAMP_SOURCE_HASH
 #define FASTAMP_SOURCE_HASH ""
 #endif
@@ -25,7 +28,14 @@
 // another torch is never loaded (loading it can crash or fail on missing libraries).
 FASTAMP_KEEP const char fastamp_build_record[] = "FASTAMP_BUILD_RECORD{torch=" FASTAMP_TORCH_VERSION
                                                  ";cuda=" FASTAMP_CUDA_VERSION ";archs=" FASTAMP_CUDA_ARCHS
-                                                 ";source=" FASTAMP_SOURCE_HASH "}";
+                                                 ";block=" FASTAMP_BLOCK_SHAPE ";source=" FASTAMP_SOURCE_HASH "}";
+
+#if defined(FASTAMP_WITH_CUDA)
+extern "C" int fastamp_cuda_driver_version();
+#endif
+#ifndef FASTAMP_LARGE_KERNEL_PARAMS
+#define FASTAMP_LARGE_KERNEL_PARAMS 0
+#endif
 
 static PyModuleDef fastamp_module = {PyModuleDef_HEAD_INIT, "_C", "fastamp compiled kernels", -1, nullptr};
 
@@ -36,6 +46,12 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyModule_AddStringConstant(module, "cuda_version", FASTAMP_CUDA_VERSION);
   PyModule_AddStringConstant(module, "torch_version", FASTAMP_TORCH_VERSION);
   PyModule_AddStringConstant(module, "source_hash", FASTAMP_SOURCE_HASH);
+  PyModule_AddIntConstant(module, "large_kernel_params", FASTAMP_LARGE_KERNEL_PARAMS);
+#if defined(FASTAMP_WITH_CUDA)
+  PyModule_AddIntConstant(module, "cuda_driver_version", fastamp_cuda_driver_version());
+#else
+  PyModule_AddIntConstant(module, "cuda_driver_version", 0);
+#endif
 #if defined(_OPENMP)
   PyModule_AddIntConstant(module, "openmp", 1);
 #else

@@ -50,6 +50,7 @@ __all__ = [
     "find_cuda_home",
     "nvcc_version",
     "parse_arch_list",
+    "parse_block_shape",
     "source_dir",
     "source_hash",
     "visible_gpu_archs",
@@ -201,6 +202,9 @@ class Toolchain:
     cuda_home: Optional[str] = None
     nvcc: Tuple[int, int] = (0, 0)
     cuda_archs: Tuple[str, ...] = ()
+    # "THREADSxMIN_BLOCKS_PER_SM" (e.g. "512x1") builds a block-shape variant of the CUDA kernels, for
+    # timing them against the default (csrc/cuda/multi_tensor_apply.cuh); "" is the default shape.
+    block_shape: str = ""
 
     @property
     def with_cuda(self) -> bool:
@@ -216,12 +220,14 @@ class Toolchain:
         """The cache variant: ``cpu`` or the archs, e.g. ``sm_80-sm_90a-sm_90+PTX``."""
         if not self.with_cuda:
             return "cpu"
-        return "-".join("sm_" + a.replace(".", "") for a in self.cuda_archs)
+        archs = "-".join("sm_" + a.replace(".", "") for a in self.cuda_archs)
+        return archs + (f"-b{self.block_shape}" if self.block_shape else "")
 
     def describe(self) -> str:
         if not self.with_cuda:
             return "CPU"
-        return "CPU+CUDA " + " ".join("sm_" + a.replace(".", "") for a in self.cuda_archs)
+        shape = f", blocks {self.block_shape}" if self.block_shape else ""
+        return "CPU+CUDA " + " ".join("sm_" + a.replace(".", "") for a in self.cuda_archs) + shape
 
 
 def compiler_macros(toolchain: Toolchain, sources_digest: str) -> List[Tuple[str, str]]:
@@ -234,7 +240,19 @@ def compiler_macros(toolchain: Toolchain, sources_digest: str) -> List[Tuple[str
             ("FASTAMP_CUDA_VERSION", f'"{toolchain.nvcc[0]}.{toolchain.nvcc[1]}"'),
             ("FASTAMP_LARGE_KERNEL_PARAMS", "1" if toolchain.large_kernel_params else "0"),
         ]
+        if toolchain.block_shape:
+            threads, min_blocks = parse_block_shape(toolchain.block_shape)
+            macros += [("FASTAMP_BLOCK_THREADS", str(threads)), ("FASTAMP_MIN_BLOCKS_PER_SM", str(min_blocks)),
+                       ("FASTAMP_BLOCK_SHAPE", f'"{toolchain.block_shape}"')]
     return macros
+
+
+def parse_block_shape(spec: str) -> Tuple[int, int]:
+    """"512x2" -> (512, 2): threads per block (a multiple of 32 up to 1024) and minimum blocks per SM."""
+    match = re.fullmatch(r"(\d+)x(\d+)", spec.strip())
+    if match is None or int(match.group(1)) % 32 or not 32 <= int(match.group(1)) <= 1024 or int(match.group(2)) < 1:
+        raise ValueError(f"block shape {spec!r} is not THREADSxMIN_BLOCKS with THREADS a multiple of 32 up to 1024")
+    return int(match.group(1)), int(match.group(2))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,13 +372,15 @@ def _library_file(folder: Path) -> Optional[Path]:
     return matches[0] if matches else None
 
 
-def _record_matches(record: Optional[Dict[str, str]], torch_version: str, digest: str) -> bool:
-    return record is not None and record.get("torch") == torch_version and record.get("source") == digest
+def _record_matches(record: Optional[Dict[str, str]], torch_version: str, digest: str, block_shape: str = "") -> bool:
+    return (record is not None and record.get("torch") == torch_version and record.get("source") == digest
+            and record.get("block", "") == block_shape)
 
 
-def find_cached(slot: Path, torch_version: str, digest: str, need_archs: Sequence[str]) -> Optional[CompiledModule]:
+def find_cached(slot: Path, torch_version: str, digest: str, need_archs: Sequence[str],
+                block_shape: str = "") -> Optional[CompiledModule]:
     """A complete build in ``slot`` for this torch and these sources whose CUDA archs cover
-    ``need_archs`` (any build when none are needed; a CPU-only one first)."""
+    ``need_archs`` (any build when none are needed; a CPU-only one first), of the given block shape."""
     if not slot.is_dir():
         return None
     candidates = []
@@ -371,7 +391,7 @@ def find_cached(slot: Path, torch_version: str, digest: str, need_archs: Sequenc
         if library is None:
             continue
         record = build_record(str(library))
-        if not _record_matches(record, torch_version, digest):
+        if not _record_matches(record, torch_version, digest, block_shape if need_archs else record.get("block", "")):
             continue
         archs = [a for a in record.get("archs", "").split(",") if a]
         if need_archs and not (archs and cuda_archs_cover(archs, need_archs)):
@@ -452,7 +472,7 @@ def compile_into_cache(toolchain: Toolchain, *, force: bool = False, verbose: bo
     wait_line = f"fastamp: waiting for another process compiling the kernels ({slot})…" if announce else None
     with _exclusive(slot.parent / (slot.name + "." + toolchain.variant + ".lock"), wait_line):
         if not force:
-            found = find_cached(slot, toolchain.torch_version, digest, toolchain.cuda_archs)
+            found = find_cached(slot, toolchain.torch_version, digest, toolchain.cuda_archs, toolchain.block_shape)
             if found is not None and (not toolchain.with_cuda or found.archs):
                 return found
         if announce:
@@ -480,7 +500,7 @@ def compile_into_cache(toolchain: Toolchain, *, force: bool = False, verbose: bo
                 shutil.rmtree(staging, ignore_errors=True)
     library = _library_file(target)
     record = build_record(str(library)) if library else None
-    if library is None or not _record_matches(record, toolchain.torch_version, digest):
+    if library is None or not _record_matches(record, toolchain.torch_version, digest, toolchain.block_shape):
         raise BuildError(f"the build in {target} carries no matching build record: {record}")
     if announce:
         sys.stderr.write(f"fastamp: kernels compiled in {seconds:.0f} s, cached in {target}\n")

@@ -6,6 +6,8 @@ In order:
 2. a build in the JIT cache for this torch, these sources and the visible GPUs (``fastamp build``
    puts one there ahead of time);
 3. compiling one into the cache now (unless ``FASTAMP_JIT=0``), which prints one line on stderr;
+   (``FASTAMP_CUDA_BLOCK_SHAPE=512x1`` asks for a block-shape variant of the CUDA kernels, which
+   ``make gpu-check`` times; it skips step 1);
 4. otherwise the pure-PyTorch reference, with one :class:`KernelFallbackWarning` saying why and what
    to do.
 
@@ -27,7 +29,8 @@ import torch
 from . import _build
 from .ops import _library, _reference
 
-__all__ = ["EXTENSION", "KernelFallbackWarning", "dispatch_keys_with_kernel", "extension_status"]
+__all__ = ["EXTENSION", "KernelFallbackWarning", "LARGE_PARAMS_MIN_DRIVER", "dispatch_keys_with_kernel",
+           "driver_refuses_kernels", "extension_status"]
 
 _DISPATCH_KEYS = ("CPU", "CUDA")
 MODE_AOT = "ahead-of-time"
@@ -69,8 +72,15 @@ def _jit_toolchain(problems: List[str]) -> _build.Toolchain:
     if cuda_home is None:
         problems.append("no CUDA toolkit (nvcc) was found to compile the CUDA kernels: set CUDA_HOME")
         return _build.Toolchain(torch.__version__, torch.version.cuda)
+    block_shape = os.environ.get("FASTAMP_CUDA_BLOCK_SHAPE", "")
+    if block_shape:
+        try:
+            _build.parse_block_shape(block_shape)
+        except ValueError as exc:
+            problems.append(f"FASTAMP_CUDA_BLOCK_SHAPE ignored: {exc}")
+            block_shape = ""
     return _build.Toolchain(torch.__version__, torch.version.cuda, cuda_home, _build.nvcc_version(cuda_home),
-                            tuple(archs))
+                            tuple(archs), block_shape)
 
 
 def _load_jit(status: Dict[str, Any], problems: List[str]) -> bool:
@@ -82,7 +92,7 @@ def _load_jit(status: Dict[str, Any], problems: List[str]) -> bool:
     status["jit_cache"] = str(_build.cache_root())
     digest = _build.source_hash(root)
     slot = _build.cache_slot(digest, tools.torch_version, tools.torch_cuda)
-    found = _build.find_cached(slot, tools.torch_version, digest, tools.cuda_archs)
+    found = _build.find_cached(slot, tools.torch_version, digest, tools.cuda_archs, tools.block_shape)
     if found is None:
         if os.environ.get("FASTAMP_JIT") == "0":
             problems.append(f"FASTAMP_JIT=0 forbids compiling and the cache ({_build.cache_root()}) holds no build "
@@ -113,6 +123,8 @@ def _load() -> Dict[str, Any]:
         return status
     problems: List[str] = []
     installed = _ahead_of_time_build()
+    if os.environ.get("FASTAMP_CUDA_BLOCK_SHAPE"):
+        installed = None  # a block-shape variant (for timing) only ever comes from the JIT cache
     if installed is not None:
         record = _build.build_record(installed)
         if record is None:
@@ -138,14 +150,33 @@ def dispatch_keys_with_kernel(op: str) -> List[str]:
     return [key for key in _DISPATCH_KEYS if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastamp::{op}", key)]
 
 
+# Kernels with the 32 KB parameter layout need a CUDA 12.1 (R530) driver or newer.
+LARGE_PARAMS_MIN_DRIVER = 12010
+
+
+def driver_refuses_kernels(large_kernel_params: bool, driver_version: int) -> bool:
+    """Whether the installed driver (``cudaDriverGetVersion``; 0 when there is none) would reject every
+    launch of kernels built with the 32 KB kernel-parameter layout."""
+    return bool(large_kernel_params) and 0 < driver_version < LARGE_PARAMS_MIN_DRIVER
+
+
+def _driver_version_text(version: int) -> str:
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
 EXTENSION = _load()
+_module = EXTENSION["module"]
+_DRIVER_REFUSES = _module is not None and driver_refuses_kernels(getattr(_module, "large_kernel_params", 0),
+                                                                  getattr(_module, "cuda_driver_version", 0))
 
 # Any of CPU/CUDA that the extension did not cover runs the reference implementation.
 _REFERENCE_KEYS: Dict[str, List[str]] = {}
 for _op in _library.OP_NAMES:
     for _key in _DISPATCH_KEYS:
-        if _key not in dispatch_keys_with_kernel(_op):
-            _library.LIBRARY.impl(_op, getattr(_reference, _op), _key)
+        if _key not in dispatch_keys_with_kernel(_op) or (_key == "CUDA" and _DRIVER_REFUSES):
+            with warnings.catch_warnings():  # replacing the compiled CUDA kernel is the point here
+                warnings.simplefilter("ignore")
+                _library.LIBRARY.impl(_op, getattr(_reference, _op), _key)
             _REFERENCE_KEYS.setdefault(_key, []).append(_op)
 
 
@@ -157,6 +188,11 @@ def _fallback_warning() -> Optional[str]:
                 f"slower). Why: {EXTENSION['error']}. What to do: install a C++ compiler and ninja and let fastamp "
                 "compile on first use, run `fastamp build` to see the compiler's messages, or reinstall with "
                 "`pip install --no-build-isolation .` against this torch.")
+    if _DRIVER_REFUSES:
+        return (f"fastamp: the CUDA driver ({_driver_version_text(_module.cuda_driver_version)}) is older than CUDA "
+                f"{_driver_version_text(LARGE_PARAMS_MIN_DRIVER)} (R530), which the compiled CUDA kernels' 32 KB "
+                "kernel-parameter layout needs: CUDA tensors run the pure-PyTorch reference. What to do: update the "
+                "NVIDIA driver, or build with a CUDA toolkit older than 12.1 (the 4 KB layout).")
     if "CUDA" in _REFERENCE_KEYS and torch.version.cuda is not None and _build.visible_gpu_archs():
         notes = "; ".join(EXTENSION.get("notes") or []) or f"{EXTENSION['path']} was built without CUDA kernels"
         return (f"fastamp: no CUDA kernels are in use, CUDA tensors run the pure-PyTorch reference. Why: {notes}. "
@@ -187,6 +223,8 @@ def extension_status() -> Dict[str, Any]:
         "compiled_cuda_version": getattr(module, "cuda_version", None) or None,
         "compiled_torch_version": getattr(module, "torch_version", None),
         "openmp": bool(getattr(module, "openmp", 0)) if module else False,
+        "large_kernel_params": bool(getattr(module, "large_kernel_params", 0)),
+        "cuda_driver_version": getattr(module, "cuda_driver_version", 0) or None,
         "reference_fallback": {key: list(ops) for key, ops in _REFERENCE_KEYS.items()},
         "warning": _WARNING,
     }

@@ -82,6 +82,11 @@ def small_tensor_shapes(count: int = 2000, numel: int = 4096) -> List[Tuple[int,
     return [(numel,)] * count
 
 
+def flat_64m_shapes() -> List[Tuple[int, ...]]:
+    """One flat gradient buffer of 2**26 elements (a DDP bucket, a flat FSDP shard)."""
+    return [(2**26,)]
+
+
 def huge_tensor_shapes() -> List[Tuple[int, ...]]:
     """One tensor of 2**27 elements (512 MB in fp32)."""
     return [(2**27,)]
@@ -93,6 +98,9 @@ class Workload:
     shapes: Callable[[], List[Tuple[int, ...]]]
     gpu_only: bool = False
     description: str = ""
+    # Elements the tensors start past a 16-byte-aligned base: 1 makes every chunk misaligned, as views
+    # into a flat buffer after an odd-sized tensor are.
+    element_offset: int = 0
 
 
 WORKLOADS: Dict[str, Workload] = {
@@ -102,6 +110,9 @@ WORKLOADS: Dict[str, Workload] = {
         Workload("gpt-1.3B", gpt_1_3b_shapes, gpu_only=True, description="GPT-3 XL-shaped: 292 tensors, 1.32B"),
         Workload("2000x4K", small_tensor_shapes, description="2,000 tensors of 4,096 elements"),
         Workload("1x128M", huge_tensor_shapes, description="one tensor of 2**27 elements"),
+        Workload("64M-aligned", flat_64m_shapes, gpu_only=True, description="one 2**26-element view at offset 0"),
+        Workload("64M-offset1", flat_64m_shapes, gpu_only=True, element_offset=1,
+                 description="the same view at element offset 1: every chunk misaligned"),
     ]
 }
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -113,6 +124,20 @@ def make_grads(shapes, dtype=torch.float32, device="cpu", seed: int = 0) -> List
     return [torch.randn(s, generator=generator).to(device=device, dtype=dtype) for s in shapes]
 
 
+def _at_offset(grads: List[Tensor], offset: int) -> List[Tensor]:
+    """The same values as views into one buffer, starting ``offset`` elements past its (aligned) base."""
+    if offset == 0:
+        return grads
+    buffer = grads[0].new_empty(offset + sum(g.numel() for g in grads))
+    views, start = [], offset
+    for g in grads:
+        view = buffer[start:start + g.numel()].view(g.shape)
+        view.copy_(g)
+        views.append(view)
+        start += g.numel()
+    return views
+
+
 class BenchState:
     """One workload in memory: scaled grads, their pristine copy, flat reference buffers, AMP scalars."""
 
@@ -122,7 +147,8 @@ class BenchState:
         # scaled values that fit: what a scaler that backed off to a working scale leaves.
         scale = LOSS_SCALE if dtype != torch.float16 else 2.0**4
         self.loss_scale = scale
-        self.grads = [(g * scale).to(dtype) for g in make_grads(WORKLOADS[workload].shapes(), device=device)]
+        self.grads = _at_offset([(g * scale).to(dtype) for g in make_grads(WORKLOADS[workload].shapes(), device=device)],
+                                WORKLOADS[workload].element_offset)
         self.pristine = [g.clone() for g in self.grads]
         self.numel = sum(g.numel() for g in self.grads)
         self.grad_bytes = sum(g.numel() * g.element_size() for g in self.grads)

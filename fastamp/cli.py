@@ -70,8 +70,12 @@ def _build_kernels(args: argparse.Namespace) -> int:
         return 2
     if not archs and torch.version.cuda is not None and not args.cpu_only:
         print("fastamp build: no GPU visible and no --cuda-arch: building the CPU kernels only", file=sys.stderr)
+    block_shape = args.block_shape or os.environ.get("FASTAMP_CUDA_BLOCK_SHAPE", "")
+    if block_shape:
+        _build.parse_block_shape(block_shape)
     tools = _build.Toolchain(torch.__version__, torch.version.cuda, cuda_home,
-                             _build.nvcc_version(cuda_home) if cuda_home else (0, 0), tuple(archs))
+                             _build.nvcc_version(cuda_home) if cuda_home else (0, 0), tuple(archs),
+                             block_shape if archs else "")
     try:
         built = _build.compile_into_cache(tools, force=args.force, verbose=args.verbose)
     except _build.BuildError as exc:
@@ -192,6 +196,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     build.add_argument("--cuda-arch", default=None,
                        help="archs to compile for, e.g. '8.0;9.0' (default: TORCH_CUDA_ARCH_LIST, else the visible GPUs)")
     build.add_argument("--cpu-only", action="store_true", help="compile the CPU kernels only")
+    build.add_argument("--block-shape", default=None,
+                       help="CUDA block-shape variant THREADSxMIN_BLOCKS, e.g. 512x1 (default: FASTAMP_CUDA_BLOCK_SHAPE, "
+                            "else the built-in 256x3); loaded when FASTAMP_CUDA_BLOCK_SHAPE is set")
     build.add_argument("--force", action="store_true", help="compile even if the cache holds this build")
     build.add_argument("--verbose", action="store_true", help="show the compiler's commands and output")
     build.set_defaults(func=_build_kernels)

@@ -310,3 +310,21 @@ def test_fastamp_build_fills_the_cache_for_jit_0_and_gpu_check_without_a_gpu_exi
     statuses = {p["name"]: p["status"] for p in summary["phases"]}
     assert statuses.pop("build") == "PASS" and set(statuses.values()) == {"SKIP"}
     assert summary["build_info"]["kernels"] == "jit" and (out / "summary.md").is_file()
+
+
+@pytest.mark.parametrize("large, driver, refuses", [
+    (True, 11080, True), (True, 12000, True), (True, 12010, False), (True, 13000, False),
+    (True, 0, False),  # no driver: no GPU to launch on
+    (False, 11080, False),
+])
+def test_an_old_driver_refuses_the_32kb_parameter_layout(large, driver, refuses):
+    from fastamp._extension import driver_refuses_kernels
+
+    assert driver_refuses_kernels(large, driver) is refuses
+
+
+def test_build_info_reports_the_parameter_layout_and_driver():
+    info = fastamp.build_info()
+    if not info["cuda_kernels"]:
+        pytest.skip("no CUDA kernels built here")
+    assert info["large_kernel_params"] == (_build.nvcc_version(_build.find_cuda_home() or "") >= (12, 1))

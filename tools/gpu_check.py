@@ -13,6 +13,8 @@ logs and results written into OUT with summary.json and summary.md:
   bench      fastamp bench --device cuda --json
   gemm       fastamp gemm --device cuda --json --plot
   demo       fastamp demo --device cuda --precision fp16
+  bench-misaligned   64M fp16/fp32 at element offset 1 vs 0 (expected within ~1.2x)
+  blocks-*   block-shape variants of the CUDA kernels, each compiled and timed (the default is 256x3)
 
 The whole run keeps within --budget seconds (default 480): a phase gets the smaller of its budget and
 what is left, and phases that no longer fit are skipped, saying so. Without a GPU it builds, says
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+BLOCK_SHAPE_VARIANTS = ("512x1", "512x2", "128x6")
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Phase:
     command: List[str]
     budget_s: int
     needs_gpu: bool = True
+    env: Dict[str, str] = field(default_factory=dict)
     status: str = "pending"  # PASS, FAIL, TIMEOUT, SKIP
     returncode: Optional[int] = None
     seconds: float = 0.0
@@ -84,10 +88,20 @@ def _phases(python: str, out: Path) -> List[Phase]:
         Phase("bench", fastamp + ["bench", "--device", "cuda", "--workload", "gpt2-124M", "--workload", "gpt-1.3B",
                                   "--workload", "2000x4K", "--json", str(out / "fastamp-bench-cuda.json"),
                                   "--csv", str(out / "fastamp-bench-cuda.csv")], 120),
+        Phase("bench-misaligned", fastamp + ["bench", "--device", "cuda", "--workload", "64M-aligned", "--workload",
+                                             "64M-offset1", "--json", str(out / "fastamp-bench-cuda-misaligned.json")], 60),
         Phase("gemm", fastamp + ["gemm", "--device", "cuda", "--json", str(out / "gemm-cuda.json"),
                                  "--plot", str(out / "gemm-cuda.png")], 60),
         Phase("demo", fastamp + ["demo", "--device", "cuda", "--precision", "fp16", "--no-progress",
                                  "--out", str(out / "demo")], 60),
+    ] + [
+        # Block-shape variants of the CUDA kernels (the default is 256x3): each compiles its own build
+        # into the cache, then times the norm and the clipped step; compare with the bench phase.
+        Phase(f"blocks-{shape}", fastamp + ["bench", "--device", "cuda", "--workload", "gpt2-124M", "--workload",
+                                            "64M-offset1", "--op", "grad-norm", "--op", "clipped-step", "--dtype", "fp16",
+                                            "--dtype", "fp32", "--json", str(out / f"fastamp-bench-cuda-blocks-{shape}.json")],
+              100, env={"FASTAMP_CUDA_BLOCK_SHAPE": shape})
+        for shape in BLOCK_SHAPE_VARIANTS
     ]
 
 
@@ -99,7 +113,7 @@ def _run(phase: Phase, env: Dict[str, str], out: Path, timeout: float) -> None:
         log.write("$ " + " ".join(phase.command) + "\n")
         log.flush()
         try:
-            process = subprocess.Popen(phase.command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+            process = subprocess.Popen(phase.command, stdout=log, stderr=subprocess.STDOUT, env={**env, **phase.env}, cwd=ROOT,
                                        start_new_session=True)
         except OSError as exc:
             phase.status, phase.note = "FAIL", f"could not start: {exc}"

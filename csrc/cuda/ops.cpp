@@ -134,3 +134,15 @@ TORCH_LIBRARY_IMPL(fastamp, CUDA, m) {
 }
 
 }  // namespace fastamp::cuda
+
+// The installed driver's CUDA version (e.g. 12010 for 12.1), 0 without a driver. Read when the module
+// loads: kernels built with the 32 KB parameter layout need 12.1 (R530) or newer, and on an older
+// driver every launch would be rejected. cudaDriverGetVersion creates no context.
+extern "C" int fastamp_cuda_driver_version() {
+  int version = 0;
+  if (cudaDriverGetVersion(&version) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return version;
+}
