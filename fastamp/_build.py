@@ -62,6 +62,8 @@ CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-Wall", "-Wno-unused-function"]
 LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
 RECORD_MARKER = b"FASTAMP_BUILD_RECORD{"
+# How long a failed compile is remembered, so that processes queued behind it do not repeat it.
+FAILED_BUILD_MEMORY_S = 600
 _SOURCE_SUFFIXES = (".cpp", ".cu", ".h", ".cuh", ".inc")
 # torch.utils.cpp_extension's names for arch families (TORCH_CUDA_ARCH_LIST accepts them).
 _NAMED_ARCHS = {
@@ -443,15 +445,18 @@ def _estimate_seconds(toolchain: Toolchain) -> int:
 
 
 def _compiler_message(output: str) -> str:
-    """The part of a failed build's output a person needs: the compiler's error lines and context."""
-    lines = output.splitlines()
+    """The part of a failed build's output a person needs: the compiler's error lines, each with the
+    source excerpt after it (not the compile commands, nor the traceback around them)."""
+    lines = [line for line in output.splitlines()
+             if len(line) < 400 and not line.startswith(("FAILED:", "[", "ninja: build stopped"))
+             and "Error building extension" not in line and "cpp_extension.py" not in line]
     keep = [i for i, line in enumerate(lines) if re.search(r"\berror\b|fatal|undefined reference|No such file", line)]
     if not keep:
-        return "\n".join(lines[-40:])
+        return "\n".join(output.splitlines()[-40:])
     chosen: List[str] = []
     for i in keep[:12]:
-        for line in lines[max(0, i - 2):i + 3]:
-            if line not in chosen[-5:]:
+        for line in lines[i:i + 3]:
+            if line not in chosen:
                 chosen.append(line)
     return "\n".join(chosen[-80:])
 
@@ -471,10 +476,14 @@ def compile_into_cache(toolchain: Toolchain, *, force: bool = False, verbose: bo
     target = slot / toolchain.variant
     wait_line = f"fastamp: waiting for another process compiling the kernels ({slot})…" if announce else None
     with _exclusive(slot.parent / (slot.name + "." + toolchain.variant + ".lock"), wait_line):
+        failure = slot / f"{toolchain.variant}.failed"
         if not force:
             found = find_cached(slot, toolchain.torch_version, digest, toolchain.cuda_archs, toolchain.block_shape)
             if found is not None and (not toolchain.with_cuda or found.archs):
                 return found
+            # Ranks that waited for a compile that failed do not each fail the same way again.
+            if failure.is_file() and time.time() - failure.stat().st_mtime < FAILED_BUILD_MEMORY_S:
+                raise BuildError(failure.read_text() + f"\n(remembered from {failure}; `fastamp build` retries)")
         if announce:
             sys.stderr.write(f"fastamp: compiling kernels for torch {toolchain.torch_version}, {toolchain.describe()} "
                              f"(first use, ~{_estimate_seconds(toolchain)} s)…\n")
@@ -483,7 +492,12 @@ def compile_into_cache(toolchain: Toolchain, *, force: bool = False, verbose: bo
         staging.mkdir(parents=True)
         try:
             started = time.perf_counter()
-            log = _compile_in_child(root, digest, toolchain, staging, verbose)
+            try:
+                log = _compile_in_child(root, digest, toolchain, staging, verbose)
+            except BuildError as exc:
+                failure.write_text(str(exc))
+                raise
+            failure.unlink(missing_ok=True)
             seconds = time.perf_counter() - started
             (staging / "build.log").write_text(log)
             for obj in list(staging.glob("*.o")) + list(staging.glob("*.obj")):

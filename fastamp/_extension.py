@@ -185,17 +185,17 @@ def _fallback_warning() -> Optional[str]:
         return None  # asked for
     if not EXTENSION["loaded"]:
         return (f"fastamp: compiled kernels are not in use, the ops run the pure-PyTorch reference (many times "
-                f"slower). Why: {EXTENSION['error']}. What to do: install a C++ compiler and ninja and let fastamp "
+                f"slower).\nWhy: {EXTENSION['error']}\nWhat to do: install a C++ compiler and ninja and let fastamp "
                 "compile on first use, run `fastamp build` to see the compiler's messages, or reinstall with "
                 "`pip install --no-build-isolation .` against this torch.")
     if _DRIVER_REFUSES:
         return (f"fastamp: the CUDA driver ({_driver_version_text(_module.cuda_driver_version)}) is older than CUDA "
                 f"{_driver_version_text(LARGE_PARAMS_MIN_DRIVER)} (R530), which the compiled CUDA kernels' 32 KB "
-                "kernel-parameter layout needs: CUDA tensors run the pure-PyTorch reference. What to do: update the "
+                "kernel-parameter layout needs: CUDA tensors run the pure-PyTorch reference.\nWhat to do: update the "
                 "NVIDIA driver, or build with a CUDA toolkit older than 12.1 (the 4 KB layout).")
     if "CUDA" in _REFERENCE_KEYS and torch.version.cuda is not None and _build.visible_gpu_archs():
         notes = "; ".join(EXTENSION.get("notes") or []) or f"{EXTENSION['path']} was built without CUDA kernels"
-        return (f"fastamp: no CUDA kernels are in use, CUDA tensors run the pure-PyTorch reference. Why: {notes}. "
+        return (f"fastamp: no CUDA kernels are in use, CUDA tensors run the pure-PyTorch reference.\nWhy: {notes}\n"
                 "What to do: make nvcc findable (CUDA_HOME) and run `fastamp build`, or rebuild with a CUDA toolkit.")
     return None
 

@@ -203,6 +203,10 @@ def test_a_compile_error_shows_the_compilers_message(tmp_path):
     assert "undeclared_thing_here" in info["extension_error"] and "error" in info["extension_error"]
     assert "module.cpp" in info["extension_error"] and "Traceback" not in info["extension_error"]
     assert "KernelFallbackWarning" in stderr and "compiling kernels for torch" in stderr
+    # A second process (a rank that queued behind the first) does not compile the same failure again.
+    info, stderr = _probe(sys.executable, _env(FASTAMP_CACHE_DIR=str(tmp_path / "cache"), MAX_JOBS="2"), package)
+    assert info["kernels"] == "reference" and "undeclared_thing_here" in info["extension_error"]
+    assert "compiling kernels for torch" not in stderr and "`fastamp build` retries" in info["extension_error"]
 
 
 def _venv_with_torch(where: pathlib.Path) -> pathlib.Path:
