@@ -15,7 +15,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 DEPS_STAMP := $(VENV)/.deps-$(subst =,_,$(subst /,_,$(TORCH_SPEC)))
 BUILD_STAMP := $(VENV)/.build-$(subst =,_,$(subst /,_,$(TORCH_SPEC)))
-SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' -o -name '*.inc' \)) setup.py pyproject.toml
+SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' -o -name '*.inc' \)) setup.py pyproject.toml fastamp/_build.py
 
 export MAX_JOBS
 

@@ -13,14 +13,14 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Iterable, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import ops
-from .grad_scaler import GradScaler, _is_dtensor
+from .grad_scaler import GradScaler
+from .gradients import clip_gradients, grads_by_device
 
 __all__ = ["ShardedGradScaler", "clip_grad_norm_", "reduce_norm_and_found_inf"]
 
@@ -43,18 +43,6 @@ def reduce_norm_and_found_inf(
     return total_norm, found.to(found_inf.device)
 
 
-def _local_grads(parameters: Union[Tensor, Iterable[Tensor]]) -> List[Tensor]:
-    if isinstance(parameters, Tensor):
-        parameters = [parameters]
-    grads = []
-    for p in parameters:
-        g = p.grad
-        if g is None:
-            continue
-        grads.append(g.to_local() if _is_dtensor(g) else g)
-    return grads
-
-
 def clip_grad_norm_(
     parameters: Union[Tensor, Iterable[Tensor]],
     max_norm: float,
@@ -70,22 +58,18 @@ def clip_grad_norm_(
     receives the global inf/nan flag, and then nothing is written when it is set. Returns the global norm
     (fp32, on the grads' device). All grads of a rank must be on one device.
     """
-    grads = _local_grads(parameters)
-    devices = {g.device for g in grads}
-    if len(devices) > 1:
-        raise ValueError(f"fastamp.distributed.clip_grad_norm_: grads on several devices {sorted(map(str, devices))}")
-    device = devices.pop() if devices else (inv_scale.device if inv_scale is not None else torch.device("cpu"))
-    local_found = torch.zeros((), dtype=torch.float32, device=device)
+    by_device = grads_by_device(list(parameters) if not isinstance(parameters, Tensor) else parameters)
+    if len(by_device) > 1:
+        raise ValueError(f"fastamp.distributed.clip_grad_norm_: grads on several devices {sorted(map(str, by_device))}")
+    home = next(iter(by_device), inv_scale.device if inv_scale is not None else torch.device("cpu"))
+    result = clip_gradients(by_device, max_norm, inv_scale=inv_scale, home=home,
+                            reduce=lambda norm, found: reduce_norm_and_found_inf(norm, found, process_group))
     with torch.no_grad():
-        local_norm, _ = ops.grad_norm(grads, inv_scale, local_found)
-        total_norm, found = reduce_norm_and_found_inf(local_norm.float(), local_found, process_group)
-        coef = ops.clip_coef(total_norm, max_norm).float()
-        factor = coef if inv_scale is None else inv_scale * coef
-        if grads:
-            ops.scale_(grads, factor, found if found_inf is not None else None)
+        result.apply_(by_device, skip_on_found_inf=found_inf is not None)
         if found_inf is not None:
+            found = result.found_inf.to(found_inf.device)
             found_inf.copy_(torch.maximum(found_inf.reshape(found.shape), found).reshape(found_inf.shape))
-    return total_norm
+    return result.total_norm
 
 
 class ShardedGradScaler(GradScaler):
@@ -150,7 +134,7 @@ class ShardedGradScaler(GradScaler):
         self._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = flags
         return flags
 
-    def _reduce_norm_and_found_inf(self, total_norm: Tensor, found_inf: Tensor) -> Tuple[Tensor, Tensor]:
+    def reduce_norm_and_found_inf(self, total_norm: Tensor, found_inf: Tensor) -> Tuple[Tensor, Tensor]:
         return reduce_norm_and_found_inf(total_norm, found_inf, self.process_group)
 
     def clip_grad_norm_(self, optimizer, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:

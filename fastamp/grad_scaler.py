@@ -32,47 +32,13 @@ from torch import Tensor
 from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state
 
 from . import ops
+from .gradients import (PerDevice, clip_gradients, grads_by_device, merge_by_device, norm_and_check,
+                        unscale_check_grads_)
 
 __all__ = ["GradScaler", "OptState"]
 
 OptimizerOrList = Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]]
 NamedTensors = Union[torch.nn.Module, Mapping[str, Optional[Tensor]], Iterable[Tuple[str, Optional[Tensor]]]]
-
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    # DTensor (FSDP2's sharded parameters and grads) lives in torch.distributed, absent on some builds.
-    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
-
-
-def _kernel_handles(grad: Tensor) -> bool:
-    """Whether fastamp's ops take this gradient (fp64 only on CPU); the rest go to PyTorch's ops."""
-    return grad.dtype in _KERNEL_DTYPES or (grad.dtype == torch.float64 and grad.device.type == "cpu")
-
-
-def _split_for_kernels(grads: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
-    """(gradients fastamp's ops take, the others)."""
-    fused, other = [], []
-    for g in grads:
-        (fused if _kernel_handles(g) else other).append(g)
-    return fused, other
-
-
-class _PerDevice:
-    """Copies of a scalar tensor on each device that asks, made once (non-blocking)."""
-
-    def __init__(self, master: Tensor) -> None:
-        self.master = master
-        self._copies: Dict[torch.device, Tensor] = {master.device: master}
-
-    def get(self, device: torch.device) -> Tensor:
-        copy = self._copies.get(device)
-        if copy is None:
-            copy = self.master.to(device=device, non_blocking=True, copy=True)
-            self._copies[device] = copy
-        return copy
-
 
 class GradScaler(torch.amp.GradScaler):
     """Dynamic loss scaling, as ``torch.amp.GradScaler``, on fused kernels with no host syncs.
@@ -144,78 +110,28 @@ class GradScaler(torch.amp.GradScaler):
 
     # ---- gradients --------------------------------------------------------------------------------
 
-    @staticmethod
-    def _grads_by_device(optimizers: Sequence[torch.optim.Optimizer]) -> Dict[torch.device, List[Tensor]]:
-        """The gradients the optimizers own, grouped by device (sparse grads: their values)."""
-        by_device: Dict[torch.device, List[Tensor]] = defaultdict(list)
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                for param in group["params"]:
-                    if not isinstance(param, Tensor):
-                        raise AssertionError(f"expected param to be torch.Tensor, got {type(param).__name__}")
-                    grad = param.grad
-                    if grad is None:
-                        continue
-                    if _is_dtensor(grad):
-                        grad = grad.to_local()  # the shard this rank holds (a view: written in place)
-                    if grad.is_sparse:
-                        # Duplicate indices of scaled fp16 values can overflow when summed later;
-                        # check the coalesced values, as PyTorch does.
-                        if grad.dtype is torch.float16:
-                            param.grad = grad = grad.coalesce()
-                        grad = grad._values()
-                    by_device[grad.device].append(grad)
-        return by_device
-
-    @staticmethod
-    def _unscale_device_(grads: List[Tensor], found_inf: Tensor, inv_scale: Tensor) -> None:
-        fused, other = _split_for_kernels(grads)
-        if fused:
-            ops.unscale_check_(fused, found_inf, inv_scale)
-        by_dtype: Dict[torch.dtype, List[Tensor]] = defaultdict(list)
-        for g in other:
-            by_dtype[g.dtype].append(g)
-        for same_dtype in by_dtype.values():
-            torch._amp_foreach_non_finite_check_and_unscale_(same_dtype, found_inf, inv_scale)
-
-    @staticmethod
-    def _norm_device(grads: List[Tensor], inv_scale: Optional[Tensor], found_inf: Tensor) -> Tensor:
-        """fp32 L2 norm of ``g * inv_scale`` over the grads (one read pass), setting found_inf."""
-        fused, other = _split_for_kernels(grads)
-        total, _ = ops.grad_norm(fused, inv_scale, found_inf)
-        total = total.float()
-        if other:
-            norms = torch._foreach_norm(other)
-            sq = torch.stack([n.double() for n in norms]).square().sum()
-            if inv_scale is not None:
-                sq = sq * inv_scale.double().square()
-            flag = torch.stack([(~torch.isfinite(g)).any() for g in other]).any()
-            found_inf.copy_(torch.where(flag, torch.ones_like(found_inf), found_inf))
-            total = (total.double().square() + sq).sqrt().float()
-        return total
-
     def _unscale_grads_(
         self, optimizer: torch.optim.Optimizer, inv_scale: Tensor, found_inf: Tensor, allow_fp16: bool
     ) -> Dict[torch.device, Tensor]:
         # Same contract as PyTorch's (per-device found_inf flags), on fastamp's kernel; fp16 is always allowed.
-        per_device_inv_scale = _PerDevice(inv_scale)
-        per_device_found_inf = _PerDevice(found_inf)
+        per_device_inv_scale = PerDevice(inv_scale)
+        per_device_found_inf = PerDevice(found_inf)
         flags: Dict[torch.device, Tensor] = {}
         with torch.no_grad():
-            for device, grads in self._grads_by_device([optimizer]).items():
+            for device, grads in grads_by_device(optimizer).items():
                 flags[device] = per_device_found_inf.get(device)
-                self._unscale_device_(grads, flags[device], per_device_inv_scale.get(device))
+                unscale_check_grads_(grads, flags[device], per_device_inv_scale.get(device))
         return flags
 
     def _check_inf_per_device(self, optimizer: torch.optim.Optimizer) -> Dict[torch.device, Tensor]:
         # Read-only check for optimizers that unscale inside their own step (fused ones).
         self._check_scale_growth_tracker("_check_inf_per_device")
-        per_device_found_inf = _PerDevice(self._new_found_inf())
+        per_device_found_inf = PerDevice(self._new_found_inf())
         flags: Dict[torch.device, Tensor] = {}
         with torch.no_grad():
-            for device, grads in self._grads_by_device([optimizer]).items():
+            for device, grads in grads_by_device(optimizer).items():
                 flags[device] = per_device_found_inf.get(device)
-                self._norm_device(grads, None, flags[device])
+                norm_and_check(grads, None, flags[device])
         self._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = flags
         return flags
 
@@ -522,84 +438,47 @@ class GradScaler(torch.amp.GradScaler):
             params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
             return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
 
+        # One walk over each optimizer's parameters; the devices' lists are their concatenation.
+        per_optimizer = [grads_by_device(opt) for opt in optimizers]
+        inv_scale = self._inv_scale() if self._enabled else None
+        home = self._scale.device if self._enabled and self._scale is not None else None
+        result = clip_gradients(merge_by_device(per_optimizer), max_norm, inv_scale=inv_scale, home=home,
+                                reduce=self.reduce_norm_and_found_inf, error_if_nonfinite=error_if_nonfinite)
         with torch.no_grad():
-            # One walk over each optimizer's parameters; the devices' lists are their concatenation.
-            per_optimizer = [self._grads_by_device([opt]) for opt in optimizers]
-            by_device: Dict[torch.device, List[Tensor]] = defaultdict(list)
-            for grouped in per_optimizer:
-                for device, grads in grouped.items():
-                    by_device[device].extend(grads)
-            if self._enabled:
-                assert self._scale is not None
-                home = self._scale.device
-                inv_scale: Optional[Tensor] = self._inv_scale()
-            else:
-                home = next(iter(by_device)) if by_device else torch.device("cpu")
-                inv_scale = None
-            found_inf = torch.zeros((), dtype=torch.float32, device=home)
-            per_device_inv_scale = _PerDevice(inv_scale) if inv_scale is not None else None
-            per_device_found_inf: Dict[torch.device, Tensor] = {}
-            norms: List[Tensor] = []
-            for device, grads in by_device.items():
-                flag = found_inf if device == home else torch.zeros((), dtype=torch.float32, device=device)
-                per_device_found_inf[device] = flag
-                device_inv_scale = per_device_inv_scale.get(device) if per_device_inv_scale is not None else None
-                norms.append(self._norm_device(grads, device_inv_scale, flag))
-            if not norms:
-                total_norm = torch.zeros((), dtype=torch.float32, device=home)
-            elif len(norms) == 1:
-                total_norm = norms[0].to(home, non_blocking=True)
-            else:
-                total_norm = torch.stack([n.to(home, non_blocking=True) for n in norms]).norm()
-            if len(per_device_found_inf) > 1:
-                found_inf = torch.stack([f.to(home, non_blocking=True) for f in per_device_found_inf.values()]).amax()
-            total_norm, found_inf = self._reduce_norm_and_found_inf(total_norm, found_inf)
-            per_device_found_inf = {d: found_inf.to(d, non_blocking=True) for d in per_device_found_inf}
-            if error_if_nonfinite and bool(torch.logical_or(total_norm.isnan(), total_norm.isinf())):
-                raise RuntimeError(
-                    f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, "
-                    "so it cannot be clipped. To disable this error and scale the gradients by the non-finite "
-                    "norm anyway, set `error_if_nonfinite=False`"
-                )
-            coef = ops.clip_coef(total_norm, max_norm).float()
-            factor = coef if inv_scale is None else inv_scale * coef
-            per_device_factor = _PerDevice(factor)
-            folded_grad_scale = None
             for opt, opt_devices in zip(optimizers, per_optimizer):
                 if self._enabled and getattr(opt, "_step_supports_amp_scaling", False):
                     # The fused optimizer divides its grads by grad_scale inside its own step.
-                    if folded_grad_scale is None:
-                        folded_grad_scale = self._scale / coef
                     state = self._per_optimizer_states[id(opt)]
-                    state["grad_scale"] = folded_grad_scale
+                    state["grad_scale"] = self._scale if result.coef is None else self._scale / result.coef
                 else:
-                    for device, grads in opt_devices.items():
-                        self._scale_device_(grads, per_device_factor.get(device), per_device_found_inf[device])
+                    result.apply_(opt_devices)
                 if self._enabled:
                     state = self._per_optimizer_states[id(opt)]
-                    flags = {d: per_device_found_inf[d] for d in opt_devices}
+                    flags = {d: result.found_inf_per_device[d] for d in opt_devices}
                     if not flags and self._record_checks_without_grads:
-                        flags = {home: found_inf}
+                        flags = {result.found_inf.device: result.found_inf}
                     state["found_inf_per_device"] = flags
                     state["stage"] = OptState.UNSCALED
-        return total_norm
+        return result.total_norm
 
     # Whether an optimizer without gradients still gets a (zero) inf check: ranks of a sharded job must
     # all take part in the collectives, gradients or not. PyTorch's single-process scaler records none.
     _record_checks_without_grads = False
 
-    def _reduce_norm_and_found_inf(self, total_norm: Tensor, found_inf: Tensor) -> Tuple[Tensor, Tensor]:
-        """Where the local norm and found_inf become global; single-process: already are. Sharded scalers
-        combine them across ranks here."""
+    def reduce_norm_and_found_inf(self, total_norm: Tensor, found_inf: Tensor) -> Tuple[Tensor, Tensor]:
+        """Where a local norm and found_inf become global: as they are in a single process; the sharded
+        scaler all-reduces them (one packed collective). Every clip through this scaler calls it."""
         return total_norm, found_inf
 
-    @staticmethod
-    def _scale_device_(grads: List[Tensor], factor: Tensor, found_inf: Tensor) -> None:
-        fused, other = _split_for_kernels(grads)
-        if fused:
-            ops.scale_(fused, factor, found_inf)
-        for g in other:
-            g.copy_(torch.where(found_inf != 0, g, g * factor.to(g.dtype)))
+    def get_scale_tensor(self) -> Optional[Tensor]:
+        """The live scale on the device (no host sync, unlike :meth:`get_scale`); ``None`` when disabled
+        or before the first :meth:`scale`."""
+        return self._scale if self._enabled else None
+
+    def optimizer_stage(self, optimizer: torch.optim.Optimizer) -> OptState:
+        """Where ``optimizer`` is in this iteration: ``READY``, ``UNSCALED`` (unscaled or clipped) or
+        ``STEPPED``."""
+        return self._per_optimizer_states[id(optimizer)]["stage"]
 
     @property
     def found_inf(self) -> Optional[Tensor]:

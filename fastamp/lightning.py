@@ -14,7 +14,6 @@ clip). Needs ``lightning`` (``pip install fastamp[lightning]``).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -25,13 +24,14 @@ try:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.core.optimizer import LightningOptimizer
-    from lightning.pytorch.plugins.precision import MixedPrecision
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
     from lightning.pytorch.utilities import GradClipAlgorithmType
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("fastamp.lightning needs Lightning: pip install 'fastamp[lightning]'") from e
 
 from . import ops
 from .grad_scaler import GradScaler, OptState
+from .gradients import clip_gradients, grads_by_device
 from .trainer import _memory_mb
 
 __all__ = ["AMPMonitor", "FusedMixedPrecision"]
@@ -83,10 +83,12 @@ class FusedMixedPrecision(MixedPrecision):
 
     # ---- the optimizer phase ---------------------------------------------------------------------
 
+    def _fastamp_scaler(self) -> Optional[GradScaler]:
+        return self.scaler if isinstance(self.scaler, GradScaler) and self.scaler.is_enabled() else None
+
     def _stage(self, optimizer: Any) -> Optional[OptState]:
-        if not isinstance(self.scaler, GradScaler) or not self.scaler.is_enabled():
-            return None
-        return self.scaler._per_optimizer_states[id(_unwrap(optimizer))]["stage"]
+        scaler = self._fastamp_scaler()
+        return scaler.optimizer_stage(_unwrap(optimizer)) if scaler is not None else None
 
     def optimizer_step(self, optimizer: Any, model: "pl.LightningModule", closure: Callable[[], Any], **kwargs: Any) -> Any:
         if self.scaler is None:
@@ -117,45 +119,53 @@ class FusedMixedPrecision(MixedPrecision):
         clip_val: Union[int, float] = 0.0,
         gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM,
     ) -> None:
-        if clip_val <= 0:
-            return
+        if clip_val > 0 and _handles_unscaling(optimizer) and self.scaler is not None and self._fastamp_scaler() is None:
+            # Another scaler cannot fold the clip into a fused optimizer's step; its grads are still
+            # scaled here, so clipping them would clip at clip_val / scale. Refuse, as the stock plugin does.
+            raise RuntimeError(
+                f"The current optimizer, {type(_unwrap(optimizer)).__qualname__}, unscales its gradients inside its "
+                f"step, so {type(self.scaler).__qualname__} cannot clip them before it: use fastamp.GradScaler (the "
+                "default of FusedMixedPrecision), which folds the clip into the optimizer, or a non-fused optimizer"
+            )
+        # Lightning's own dispatch (skipping MixedPrecision's refusal of fused optimizers, which fastamp's
+        # scaler handles), so that subclasses overriding clip_grad_by_norm/_by_value are honoured.
+        Precision.clip_gradients(self, optimizer, clip_val, gradient_clip_algorithm)
+
+    def clip_grad_by_norm(self, optimizer: Any, clip_val: Union[int, float]) -> None:
+        """Fused: gradients still scaled are unscaled, checked and clipped in one go (folded into fused
+        optimizers); unscaled ones take one read for the norm and one write (none on overflow)."""
         raw = _unwrap(optimizer)
-        stage = self._stage(raw)
-        if gradient_clip_algorithm == GradClipAlgorithmType.NORM:
-            if stage is OptState.READY:
-                # Still scaled (fused optimizer, or manual optimization): unscale, check and clip in one go.
-                self.last_grad_norm = self.scaler.clip_grad_norm_(raw, clip_val)
-            else:
-                self.last_grad_norm = self._clip_unscaled(raw, float(clip_val))
-            return
-        if stage is OptState.READY:
+        if self._stage(raw) is OptState.READY:
+            self.last_grad_norm = self.scaler.clip_grad_norm_(raw, clip_val)
+        else:
+            self.last_grad_norm = self._clip_unscaled(raw, float(clip_val))
+
+    def clip_grad_by_value(self, optimizer: Any, clip_val: Union[int, float]) -> None:
+        raw = _unwrap(optimizer)
+        if self._stage(raw) is OptState.READY:
             self.scaler.unscale_(raw)
-        torch.nn.utils.clip_grad_value_(list(self.main_params(raw)), clip_value=clip_val)
+        super().clip_grad_by_value(raw, clip_val)
 
     def _clip_unscaled(self, optimizer: torch.optim.Optimizer, max_norm: float) -> Tensor:
         """Clip already-unscaled grads: one read for the norm, one write (skipped on overflow)."""
-        found_inf = None
-        if isinstance(self.scaler, GradScaler) and self.scaler.is_enabled():
-            found_inf = self.scaler.found_inf
-        by_device = GradScaler._grads_by_device([optimizer])
-        if not by_device:
-            return torch.zeros(())
-        if len(by_device) > 1:
-            torch.nn.utils.clip_grad_norm_(list(self.main_params(optimizer)), max_norm)
-            return torch.full((), math.nan)
-        ((device, grads),) = by_device.items()
+        scaler = self._fastamp_scaler()
+        found_inf = scaler.found_inf if scaler is not None else None
+        by_device = grads_by_device(optimizer)
+        home = found_inf.device if found_inf is not None else torch.device(self.device)
+        result = clip_gradients(by_device, max_norm, home=home)
         with torch.no_grad():
-            norm, _ = ops.grad_norm(grads)
-            coef = ops.clip_coef(norm, max_norm).float()
-            ops.scale_(grads, coef, found_inf.to(device) if found_inf is not None else None)
-        return norm.float()
+            if found_inf is not None:  # the scaler's overflow flag from this iteration's unscale
+                result.found_inf_per_device = {d: found_inf.to(d, non_blocking=True) for d in by_device}
+            result.apply_(by_device, skip_on_found_inf=found_inf is not None)
+        return result.total_norm
 
     # ---- checkpoints: compatible with the stock plugin both ways -----------------------------------
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        state = self.state_dict()
+        # One copy of the scaler state, under the stock plugin's key, so that either plugin resumes from it.
+        state = checkpoint.pop(type(self).__qualname__, None) or self.state_dict()
         if state:
-            checkpoint[_STOCK_KEY] = state  # so that the stock plugin resumes from this checkpoint
+            checkpoint[_STOCK_KEY] = state
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         if type(self).__qualname__ not in checkpoint and _STOCK_KEY in checkpoint:

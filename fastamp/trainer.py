@@ -17,13 +17,13 @@ import resource
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .grad_scaler import GradScaler
-from . import ops
+from .gradients import clip_gradients, grads_by_device
 from .ops import NonFiniteRecord, nonfinite_report
 
 __all__ = ["FusedMixedPrecisionTrainer", "StepResult", "normalize_precision", "plot_dashboard"]
@@ -374,7 +374,7 @@ class FusedMixedPrecisionTrainer:
 
     def _optimizer_phase(self) -> Dict[str, Tensor]:
         start = self._timer.start()
-        max_norm = self.max_grad_norm if self.max_grad_norm > 0 else math.inf
+        max_norm = self.max_grad_norm if self.max_grad_norm > 0 else math.inf  # inf: norm only, no clip
         folded = self._unscaled_fused_step(max_norm)
         if folded is not None:
             grad_norm = folded
@@ -389,7 +389,8 @@ class FusedMixedPrecisionTrainer:
         found_inf = self.scaler.found_inf
         if found_inf is None:  # no scaler: nothing is skipped
             found_inf = torch.zeros((), device=grad_norm.device)
-        scale = self.scaler._scale.clone() if self.scaler.is_enabled() else torch.ones((), device=grad_norm.device)
+        live_scale = self.scaler.get_scale_tensor()
+        scale = live_scale.clone() if live_scale is not None else torch.ones((), device=grad_norm.device)
         assert self._window_loss is not None
         self._losses.append(self._window_loss)
         self._grad_norms.append(grad_norm)
@@ -399,24 +400,25 @@ class FusedMixedPrecisionTrainer:
         self._memory_mb.append(_memory_mb(self.device))
         return {"stepped": True, "skipped": found_inf.reshape(()) != 0, "grad_norm": grad_norm, "scale": scale}
 
-    def _unscaled_fused_step(self, max_norm: float) -> Optional[Tensor]:
+    def _unscaled_fused_step(self, max_norm: Optional[float]) -> Optional[Tensor]:
         """Without a loss scaler, a fused optimizer still takes the clip as its ``grad_scale`` (one read
         of the grads here, none written); returns the norm, or None when this does not apply."""
         if self.scaler.is_enabled() or not getattr(self.optimizer, "_step_supports_amp_scaling", False):
             return None
-        by_device = GradScaler._grads_by_device([self.optimizer])
+        by_device = grads_by_device(self.optimizer)
         if len(by_device) != 1:
             return None
-        (grads,) = by_device.values()
-        norm, _ = ops.grad_norm(grads)
         # Global over ranks when the scaler is a sharded one (a no-op otherwise).
-        norm, _ = self.scaler._reduce_norm_and_found_inf(norm.float(), torch.zeros((), device=norm.device))
-        self.optimizer.grad_scale = ops.clip_coef(norm, max_norm).float().reciprocal()
+        result = clip_gradients(by_device, max_norm, reduce=self.scaler.reduce_norm_and_found_inf)
+        if result.coef is None:  # clipping off: a plain step
+            self.optimizer.step()
+            return result.total_norm
+        self.optimizer.grad_scale = result.coef.reciprocal()
         try:
             self.optimizer.step()
         finally:
             del self.optimizer.grad_scale
-        return norm
+        return result.total_norm
 
     # ---- loops and reports -----------------------------------------------------------------------------
 

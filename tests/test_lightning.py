@@ -146,3 +146,42 @@ def test_plugin_arguments():
     assert plugin.scaler.get_hysteresis() == 2 and plugin.scaler.get_min_scale() == 8.0
     with pytest.raises(ValueError, match="Precision must be"):
         FusedMixedPrecision("32-true", "cpu")
+
+
+def test_another_scaler_with_a_fused_optimizer_refuses_to_clip_scaled_gradients():
+    """It used to clip the still-scaled grads (an effective clip of clip_val / scale), silently."""
+    plugin = FusedMixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024))
+    with pytest.raises(RuntimeError, match="cannot clip them"):
+        fit(Regression(fused=True), plugin, max_steps=1, clip=0.01)
+
+
+def test_subclasses_overriding_lightnings_clip_hooks_are_honoured():
+    calls = []
+
+    class Custom(FusedMixedPrecision):
+        def clip_grad_by_norm(self, optimizer, clip_val):
+            calls.append(("norm", clip_val))
+            super().clip_grad_by_norm(optimizer, clip_val)
+
+        def clip_grad_by_value(self, optimizer, clip_val):
+            calls.append(("value", clip_val))
+            super().clip_grad_by_value(optimizer, clip_val)
+
+    plugin = Custom("16-mixed", "cpu")
+    fit(Regression(), plugin, max_steps=2, clip=0.5)
+    assert calls == [("norm", 0.5)] * 2 and plugin.last_grad_norm is not None
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, plugins=[Custom("16-mixed", "cpu")], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        gradient_clip_val=0.05, gradient_clip_algorithm="value")
+    trainer.fit(Regression(), data())
+    assert calls[-2:] == [("value", 0.05)] * 2
+    assert all(bool((p.grad.abs() <= 0.05).all()) for p in trainer.lightning_module.parameters() if p.grad is not None)
+
+
+def test_checkpoints_carry_the_scaler_state_once(tmp_path):
+    trainer = fit(Regression(), FusedMixedPrecision("16-mixed", "cpu"), max_steps=2)
+    path = tmp_path / "one.ckpt"
+    trainer.save_checkpoint(str(path))
+    checkpoint = torch.load(path, weights_only=False)
+    assert "MixedPrecision" in checkpoint and "FusedMixedPrecision" not in checkpoint
+    assert checkpoint["MixedPrecision"]["scale"] == trainer.precision_plugin.scaler.get_scale()

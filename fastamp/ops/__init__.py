@@ -19,7 +19,7 @@ from torch import Tensor
 from .. import _extension  # noqa: F401  (loads the kernels and registers fallbacks)
 from . import _reference as reference  # the pure-PyTorch implementation: the fallback and the test oracle
 from ._library import OP_NAMES
-from ._reference import NonFiniteRecord
+from ._reference import NonFiniteRecord, kernel_dtypes
 from ._reference import nonfinite_report as _nonfinite_report
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "OP_NAMES",
     "clip_coef",
     "grad_norm",
+    "kernel_dtypes",
     "nonfinite_report",
     "reference",
     "scale_",

@@ -20,6 +20,7 @@ from torch import Tensor
 
 __all__ = [
     "NonFiniteRecord",
+    "kernel_dtypes",
     "norm_dtype",
     "validate_clip_coef",
     "validate_grad_norm",
@@ -36,6 +37,12 @@ __all__ = [
 ]
 
 _GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def kernel_dtypes(device: Union[str, torch.device]) -> Tuple[torch.dtype, ...]:
+    """The gradient dtypes the ops take on ``device``: fp32, fp16, bf16, and fp64 on CPU (csrc/checks.h
+    states the same for the compiled kernels)."""
+    return _GRAD_DTYPES + ((torch.float64,) if torch.device(device).type == "cpu" else ())
 
 
 def norm_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
@@ -58,10 +65,11 @@ def _check_tensor_list(
     op: str, name: str, tensors: Sequence[Tensor], device: torch.device, written: bool
 ) -> None:
     allow_double = device.type == "cpu"
+    accepted = kernel_dtypes(device)
     for i, t in enumerate(tensors):
         if t is None:
             _fail(op, f"{name}[{i}] is undefined (None)")
-        if t.dtype not in _GRAD_DTYPES and not (allow_double and t.dtype == torch.float64):
+        if t.dtype not in accepted:
             extra = " or torch.float64" if allow_double else " (torch.float64 is supported on CPU only)"
             _fail(op, f"{name}[{i}] has dtype {t.dtype}; expected torch.float32, torch.float16, torch.bfloat16{extra}")
         if t.device != device:
