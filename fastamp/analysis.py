@@ -20,6 +20,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .plots import pyplot
+
 __all__ = [
     "FORMATS",
     "FormatFacts",
@@ -245,11 +247,7 @@ def analyze_gradients(
 def plot_gradient_histogram(model_or_grads: Union[nn.Module, Iterable[Tensor]], path: str,
                             loss_scale: float = 1.0) -> str:
     """Histogram of log2 |gradient| with the fp16 and bf16 subnormal/normal/overflow limits (matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("plot_gradient_histogram")
     values = torch.cat([g.reshape(-1).float() for g in _gradients(model_or_grads)])
     values = values[torch.isfinite(values) & (values != 0)].abs().double() * loss_scale
     fig, ax = plt.subplots(figsize=(8, 4))

@@ -20,7 +20,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from .models import MODEL_SIZES, TransformerLM, build_model, synthetic_batches
-from .trainer import (FusedMixedPrecisionTrainer, _memory_mb, _read_scalars, _statistics, _Timer, normalize_precision,
+from .metrics import StepHistory, StepTimer, memory_mb, training_statistics
+from .trainer import (FusedMixedPrecisionTrainer, normalize_precision,
                       plot_dashboard)
 
 __all__ = ["default_precision", "run_demo", "stock_amp_loop"]
@@ -56,8 +57,8 @@ def stock_amp_loop(
     device = next(model.parameters()).device
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    timer = _Timer(device)
-    losses, norms, scales, found, step_times, optimizer_times, memory = [], [], [], [], [], [], []
+    history = StepHistory(StepTimer(device))
+    timer = history.timer
     model.train()
     for batch in batches:
         start = timer.start()
@@ -71,23 +72,12 @@ def stock_amp_loop(
         scaler.step(optimizer)
         flags = list(scaler._found_inf_per_device(optimizer).values()) if scaler.is_enabled() else []
         scaler.update()
-        optimizer_times.append(timer.stop(phase))
-        step_times.append(timer.stop(start))
-        losses.append(loss.detach().float())
-        norms.append(norm.detach().float())
-        scales.append(scaler._scale.clone() if scaler.is_enabled() else torch.ones((), device=device))
-        found.append(sum(flags) if flags else torch.zeros((), device=device))
-        memory.append(_memory_mb(device))
-    return _statistics({
-        "loss_values": _read_scalars(losses),
-        "gradient_norms": _read_scalars(norms),
-        "scale_values": _read_scalars(scales),
-        "skipped": [v != 0 for v in _read_scalars(found)],
-        "step_times": timer.seconds(step_times),
-        "optimizer_times": timer.seconds(optimizer_times),
-        "memory_usage": memory,
-        "tokens": [b["input_ids"].numel() for b in batches],
-    })
+        optimizer_time = timer.stop(phase)
+        history.record(loss=loss.detach().float(), grad_norm=norm.detach().float(),
+                       scale=scaler._scale.clone() if scaler.is_enabled() else torch.ones((), device=device),
+                       found_inf=sum(flags) if flags else torch.zeros((), device=device), step_time=timer.stop(start),
+                       optimizer_time=optimizer_time, memory=memory_mb(device), tokens=batch["input_ids"].numel())
+    return training_statistics(history.read())
 
 
 def _summary(stats: Dict[str, Any], warmup: int, tokens_per_step: int) -> Dict[str, float]:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .plots import pyplot
+
 __all__ = [
     "ALIGNMENT",
     "DEFAULT_SHAPES",
@@ -229,13 +231,7 @@ def format_gemm_table(results: Sequence[GemmResult]) -> str:
 
 def plot_gemm(results: Sequence[GemmResult], path: str) -> str:
     """Bar chart of useful TFLOP/s, original vs aligned shapes, per GEMM and dtype (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("plot_gemm needs matplotlib: pip install 'fastamp[plot]'") from e
+    plt = pyplot("plot_gemm")
     groups = list(dict.fromkeys((r.m, r.n, r.k, r.dtype) for r in results))
     variants = list(dict.fromkeys(r.aligned_to for r in results))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4.5))

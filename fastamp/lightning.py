@@ -32,7 +32,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from . import ops
 from .grad_scaler import GradScaler, OptState
 from .gradients import clip_gradients, grads_by_device
-from .trainer import _memory_mb
+from .metrics import memory_mb
 
 __all__ = ["AMPMonitor", "FusedMixedPrecision"]
 
@@ -222,7 +222,7 @@ class AMPMonitor(Callback):
             return
         self._last_logged_step = step
         plugin = trainer.precision_plugin
-        values: Dict[str, float] = {"amp/memory_mb": _memory_mb(pl_module.device)}
+        values: Dict[str, float] = {"amp/memory_mb": memory_mb(pl_module.device)}
         if scaler is not None:
             values["amp/scale"] = scaler.get_scale()
             values["amp/skipped_steps"] = float(scaler.step_counts()["skipped"])

@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import resource
-import sys
-import time
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
@@ -23,6 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from .grad_scaler import GradScaler
+from .metrics import StepHistory, StepTimer, memory_mb, training_statistics
+from .plots import plot_dashboard
 from .gradients import clip_gradients, grads_by_device
 from .ops import NonFiniteRecord, nonfinite_report
 
@@ -47,66 +45,6 @@ def normalize_precision(precision: str) -> str:
         raise ValueError(
             f"unknown precision {precision!r}; use one of {sorted(_PRECISIONS)}"
         ) from None
-
-
-def _rss_mb() -> float:
-    """Current resident memory of this process in MB (host-side, no device work)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
-    except OSError:
-        scale = 1.0 if sys.platform == "darwin" else 1024.0
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e6
-
-
-def _memory_mb(device: torch.device) -> float:
-    """Memory in use, read on the host: CUDA's allocated bytes on a GPU, the process's RSS on CPU."""
-    return torch.cuda.memory_allocated(device) / 1e6 if device.type == "cuda" else _rss_mb()
-
-
-def _read_scalars(tensors: List[Tensor]) -> List[float]:
-    """0-dim device tensors as floats, in one read."""
-    return torch.stack([t.float().reshape(()) for t in tensors]).tolist() if tensors else []
-
-
-def _statistics(h: Dict[str, List[Any]]) -> Dict[str, Any]:
-    """Totals and averages of a per-step history (the lists of :meth:`FusedMixedPrecisionTrainer._history`);
-    gradient norms of skipped steps become None."""
-    total = len(h["loss_values"])
-    overflow = [i for i, s in enumerate(h["skipped"]) if s]
-    norms = [None if s else n for n, s in zip(h["gradient_norms"], h["skipped"])]
-    finite_norms = [n for n in norms if n is not None and math.isfinite(n)]
-    scale_updates: List[float] = []
-    for s in h["scale_values"]:
-        if not scale_updates or scale_updates[-1] != s:
-            scale_updates.append(s)
-    stats: Dict[str, Any] = {
-        "total_steps": total,
-        "successful_steps": total - len(overflow),
-        "overflow_steps": len(overflow),
-        "overflow_step_indices": overflow,
-        "scale_updates": scale_updates,
-        "scale_values": h["scale_values"],
-        "gradient_norms": norms,
-        "loss_values": h["loss_values"],
-        "step_times": h["step_times"],
-        "optimizer_times": h["optimizer_times"],
-        "memory_usage": h["memory_usage"],
-        "tokens": h["tokens"],
-        "skipped": h["skipped"],
-    }
-    if total:
-        stats.update(
-            success_rate=(total - len(overflow)) / total,
-            overflow_rate=len(overflow) / total,
-            avg_step_time=sum(h["step_times"]) / total,
-            avg_optimizer_time=sum(h["optimizer_times"]) / total,
-            avg_loss=sum(h["loss_values"]) / total,
-            avg_gradient_norm=sum(finite_norms) / len(finite_norms) if finite_norms else 0.0,
-            max_memory_mb=max(h["memory_usage"]) if h["memory_usage"] else 0.0,
-            tokens_per_second=sum(h["tokens"]) / sum(h["step_times"]) if sum(h["step_times"]) > 0 else 0.0,
-        )
-    return stats
 
 
 class StepResult(Mapping):
@@ -136,34 +74,6 @@ class StepResult(Mapping):
 
     def __repr__(self) -> str:
         return f"StepResult({dict(self)})"
-
-
-class _Timer:
-    """Elapsed time of a region: CUDA events on a GPU (read later, no sync), perf_counter on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def start(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def stop(self, start: Any) -> Any:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            return (start, end)
-        return time.perf_counter() - start
-
-    def seconds(self, records: List[Any]) -> List[float]:
-        if not self.cuda:
-            return list(records)
-        if records:
-            records[-1][1].synchronize()
-        return [s.elapsed_time(e) / 1e3 for s, e in records]
 
 
 class FusedMixedPrecisionTrainer:
@@ -250,7 +160,7 @@ class FusedMixedPrecisionTrainer:
         else:
             self.scaler = self._make_scaler(use_scaler, init_scale, growth_factor, backoff_factor, growth_interval,
                                             hysteresis, min_scale, max_scale)
-        self._timer = _Timer(self.device)
+        self._timer = StepTimer(self.device)
         self.step = 0  # optimizer steps taken or skipped
         self._micro_step = 0
         self._window_start: Any = None
@@ -274,18 +184,9 @@ class FusedMixedPrecisionTrainer:
             return str(loss_scaling)
         raise ValueError(f"loss_scaling must be 'dynamic', 'static', a number or None, got {loss_scaling!r}")
 
-    def _reset_history(self) -> None:
-        # Per optimizer step; device tensors until read.
-        self._losses: List[Tensor] = []
-        self._grad_norms: List[Tensor] = []
-        self._scales: List[Tensor] = []
-        self._found_infs: List[Tensor] = []
-        self._step_times: List[Any] = []
-        self._optimizer_times: List[Any] = []
-        self._memory_mb: List[float] = []
-        self._tokens: List[int] = []
-        # Already read to the host (after load_state_dict).
-        self._restored: Dict[str, List[Any]] = {}
+    def _reset_history(self, restored: Optional[Dict[str, List[Any]]] = None) -> None:
+        # Per optimizer step; device tensors until read. ``restored``: already on the host (a checkpoint's).
+        self.history = StepHistory(self._timer, restored)
 
     # ---- one micro-batch ---------------------------------------------------------------------------
 
@@ -382,8 +283,8 @@ class FusedMixedPrecisionTrainer:
             grad_norm = self.scaler.clip_grad_norm_(self.optimizer, max_norm)
             self.scaler.step(self.optimizer)
         self.scaler.update()
-        self._optimizer_times.append(self._timer.stop(start))
-        self._step_times.append(self._timer.stop(self._window_start))
+        optimizer_time = self._timer.stop(start)
+        step_time = self._timer.stop(self._window_start)
         self.step += 1
 
         found_inf = self.scaler.found_inf
@@ -392,12 +293,9 @@ class FusedMixedPrecisionTrainer:
         live_scale = self.scaler.get_scale_tensor()
         scale = live_scale.clone() if live_scale is not None else torch.ones((), device=grad_norm.device)
         assert self._window_loss is not None
-        self._losses.append(self._window_loss)
-        self._grad_norms.append(grad_norm)
-        self._scales.append(scale)
-        self._found_infs.append(found_inf.reshape(()))
-        self._tokens.append(self._window_tokens)
-        self._memory_mb.append(_memory_mb(self.device))
+        self.history.record(loss=self._window_loss, grad_norm=grad_norm, scale=scale, found_inf=found_inf,
+                            step_time=step_time, optimizer_time=optimizer_time, memory=memory_mb(self.device),
+                            tokens=self._window_tokens)
         return {"stepped": True, "skipped": found_inf.reshape(()) != 0, "grad_norm": grad_norm, "scale": scale}
 
     def _unscaled_fused_step(self, max_norm: Optional[float]) -> Optional[Tensor]:
@@ -463,7 +361,7 @@ class FusedMixedPrecisionTrainer:
             if bar is not None:
                 bar.update(1)
             if self.step % log_every == 0 or self.step == target:
-                loss, scale = self._losses[-1].item(), self.scaler.get_scale()
+                loss, scale = self.history.last_loss.item(), self.scaler.get_scale()
                 skipped = self.scaler.step_counts()["skipped"]
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", scale=f"{scale:g}", skipped=skipped)
@@ -472,20 +370,6 @@ class FusedMixedPrecisionTrainer:
         if bar is not None:
             bar.close()
         return self.get_training_statistics()
-
-    def _history(self) -> Dict[str, List[Any]]:
-        """Per-step history read to the host (one read per kind of statistic)."""
-        fresh = {
-            "loss_values": _read_scalars(self._losses),
-            "gradient_norms": _read_scalars(self._grad_norms),
-            "scale_values": _read_scalars(self._scales),
-            "skipped": [v != 0 for v in _read_scalars(self._found_infs)],
-            "step_times": self._timer.seconds(self._step_times),
-            "optimizer_times": self._timer.seconds(self._optimizer_times),
-            "memory_usage": list(self._memory_mb),
-            "tokens": list(self._tokens),
-        }
-        return {k: self._restored.get(k, []) + v for k, v in fresh.items()}
 
     def get_training_statistics(self) -> Dict[str, Any]:
         """Everything the reference notebook's trainer reported, and more (reads the device once).
@@ -502,7 +386,7 @@ class FusedMixedPrecisionTrainer:
             "precision": self.precision,
             "loss_scaling": self.loss_scaling,
             "accumulation_steps": self.accumulation_steps,
-            **_statistics(self._history()),
+            **training_statistics(self.history.read()),
         }
         if self.device.type == "cuda":
             stats["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 1e6
@@ -530,7 +414,7 @@ class FusedMixedPrecisionTrainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "micro_step": self._micro_step,
-            "statistics": self._history(),
+            "statistics": self.history.read(),
             "precision": self.precision,
             "rng": rng,
         }
@@ -547,8 +431,7 @@ class FusedMixedPrecisionTrainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self._micro_step = int(state.get("micro_step", 0))
-        self._reset_history()
-        self._restored = {k: list(v) for k, v in state.get("statistics", {}).items()}
+        self._reset_history(state.get("statistics", {}))
         rng = state.get("rng", {})
         if "cpu" in rng:
             torch.set_rng_state(rng["cpu"])
@@ -563,69 +446,3 @@ class FusedMixedPrecisionTrainer:
         runs = {f"fastamp {self.precision}": self.get_training_statistics()}
         runs.update(comparison or {})
         return plot_dashboard(path, runs)
-
-
-def plot_dashboard(path: str, runs: Mapping[str, Mapping[str, Any]]) -> str:
-    """A 6-panel training dashboard as a PNG: loss; loss scale (log) with overflow markers; gradient
-    norm; step and optimizer-phase time; memory; and a comparison of the runs (mean step time,
-    optimizer-phase time and final loss), e.g. fastamp vs stock or fp16 vs bf16.
-
-    ``runs`` maps a label to :meth:`FusedMixedPrecisionTrainer.get_training_statistics` output (or any
-    dict with the same per-step lists). Needs matplotlib (``pip install fastamp[plot]``). Returns ``path``.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("plot_dashboard needs matplotlib: pip install 'fastamp[plot]'") from e
-
-    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
-    (ax_loss, ax_scale, ax_norm), (ax_time, ax_mem, ax_cmp) = axes
-    for label, stats in runs.items():
-        steps = list(range(1, len(stats.get("loss_values", [])) + 1))
-        ax_loss.plot(steps, stats.get("loss_values", []), label=label)
-        scales = stats.get("scale_values", [])
-        if scales:
-            line = ax_scale.plot(steps[: len(scales)], scales, label=label)[0]
-            overflow = stats.get("overflow_step_indices", [])
-            ax_scale.scatter([i + 1 for i in overflow], [scales[i] for i in overflow], marker="x",
-                             color=line.get_color(), zorder=3)
-        norms = [n if n is not None else float("nan") for n in stats.get("gradient_norms", [])]
-        ax_norm.plot(steps[: len(norms)], norms, label=label)
-        ax_time.plot(steps, [t * 1e3 for t in stats.get("step_times", [])], label=f"{label} step")
-        if stats.get("optimizer_times"):
-            ax_time.plot(steps, [t * 1e3 for t in stats["optimizer_times"]], linestyle="--",
-                         label=f"{label} optimizer phase")
-        ax_mem.plot(steps[: len(stats.get("memory_usage", []))], stats.get("memory_usage", []), label=label)
-    ax_loss.set(title="loss", xlabel="step")
-    ax_scale.set(title="loss scale (x: skipped step)", xlabel="step", yscale="log")
-    ax_norm.set(title="gradient norm (unscaled, before clipping)", xlabel="step")
-    ax_time.set(title="time per step (ms)", xlabel="step")
-    ax_mem.set(title="memory (MB)", xlabel="step")
-    for ax in (ax_loss, ax_scale, ax_norm, ax_time, ax_mem):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-
-    labels = list(runs)
-    if len(labels) > 1:
-        width = 0.25
-        xs = range(len(labels))
-        step_ms = [runs[k].get("avg_step_time", 0.0) * 1e3 for k in labels]
-        opt_ms = [runs[k].get("avg_optimizer_time", 0.0) * 1e3 for k in labels]
-        ax_cmp.bar([x - width / 2 for x in xs], step_ms, width, label="step ms")
-        ax_cmp.bar([x + width / 2 for x in xs], opt_ms, width, label="optimizer phase ms")
-        ax_cmp.set_xticks(list(xs), labels, fontsize=8)
-        final = [runs[k]["loss_values"][-1] if runs[k].get("loss_values") else float("nan") for k in labels]
-        ax_cmp.set_title("comparison (final loss: " + ", ".join(f"{v:.3f}" for v in final) + ")")
-        ax_cmp.legend(fontsize=8)
-    else:
-        ax_cmp.text(0.5, 0.5, "no comparison run given", ha="center", va="center", transform=ax_cmp.transAxes)
-        ax_cmp.set_title("comparison")
-        ax_cmp.set_axis_off()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
