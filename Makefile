@@ -21,7 +21,9 @@ export MAX_JOBS
 
 OUT ?= gpu-check-results
 
-.PHONY: demo test test-fast bench info gpu-check clean
+CXX_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \))
+
+.PHONY: demo test test-fast bench info gpu-check lint clean
 
 demo: $(BUILD_STAMP)
 	$(VENV)/bin/fastamp info
@@ -41,6 +43,11 @@ test-fast: $(BUILD_STAMP)
 gpu-check:
 	$(PYTHON) tools/gpu_check.py --out $(OUT)
 
+# House rules: ruff (pyproject.toml) for Python, clang-format (.clang-format) for csrc/.
+lint: $(DEPS_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
 bench: $(BUILD_STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only
 
@@ -49,7 +56,8 @@ $(PY):
 
 $(DEPS_STAMP): $(PY) Makefile
 	rm -f $(VENV)/.deps-* $(VENV)/.build-*
-	$(PIP) install -q "$(TORCH_SPEC)" numpy pytest pytest-benchmark hypothesis ninja setuptools wheel matplotlib tqdm "lightning>=2.2"
+	$(PIP) install -q "$(TORCH_SPEC)" numpy pytest pytest-benchmark hypothesis ninja setuptools wheel matplotlib tqdm "lightning>=2.2" \
+		ruff==0.17.6 clang-format==23.1.5
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)

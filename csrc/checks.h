@@ -32,13 +32,13 @@ inline bool is_grad_dtype(at::ScalarType t, bool allow_double) {
 
 // A list of gradients (or any tensors an op reads or scales): floating point, on `device`, and, when the
 // op writes them, free of internal overlap (an expanded tensor cannot be written element by element).
-inline void check_tensor_list(const char* op, const char* name, at::TensorList tensors,
-                              const at::Device& device, bool allow_double, bool written) {
+inline void check_tensor_list(const char* op, const char* name, at::TensorList tensors, const at::Device& device,
+                              bool allow_double, bool written) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK(t.defined(), "fastamp.", op, ": ", name, "[", i, "] is undefined (None)");
-    TORCH_CHECK(is_grad_dtype(t.scalar_type(), allow_double), "fastamp.", op, ": ", name, "[", i,
-                "] has dtype ", dtype_name(t.scalar_type()), "; expected torch.float32, torch.float16, torch.bfloat16",
+    TORCH_CHECK(is_grad_dtype(t.scalar_type(), allow_double), "fastamp.", op, ": ", name, "[", i, "] has dtype ",
+                dtype_name(t.scalar_type()), "; expected torch.float32, torch.float16, torch.bfloat16",
                 allow_double ? " or torch.float64" : " (torch.float64 is supported on CPU only)");
     TORCH_CHECK(t.device() == device, "fastamp.", op, ": ", name, "[", i, "] is on ", device_name(t),
                 " but the op runs on ", device.str(), "; move every tensor of the call to one device");
@@ -55,8 +55,8 @@ inline void check_scalar_tensor(const char* op, const char* name, const at::Tens
                                 bool allow_double) {
   TORCH_CHECK(t.defined(), "fastamp.", op, ": ", name, " is undefined (None)");
   TORCH_CHECK(t.numel() == 1, "fastamp.", op, ": ", name, " must be a 1-element tensor, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || (allow_double && t.scalar_type() == at::kDouble), "fastamp.", op,
-              ": ", name, " must be a torch.float32", allow_double ? " or torch.float64" : "", " tensor, got ",
+  TORCH_CHECK(t.scalar_type() == at::kFloat || (allow_double && t.scalar_type() == at::kDouble), "fastamp.", op, ": ",
+              name, " must be a torch.float32", allow_double ? " or torch.float64" : "", " tensor, got ",
               dtype_name(t.scalar_type()));
   TORCH_CHECK(t.device() == device, "fastamp.", op, ": ", name, " is on ", device_name(t), " but the op runs on ",
               device.str(), "; create it on the gradients' device");
@@ -131,8 +131,8 @@ inline void validate_update_scale(const char* op, const at::Tensor& scale, const
   check_int_tensor(op, "growth_tracker", growth_tracker, device);
   check_scalar_tensor(op, "found_inf", found_inf, device, false);
   TORCH_CHECK(hysteresis >= 1, "fastamp.", op, ": hysteresis must be >= 1, got ", hysteresis);
-  TORCH_CHECK(hysteresis == 1 || hysteresis_tracker.has_value(), "fastamp.", op,
-              ": hysteresis=", hysteresis, " needs a hysteresis_tracker (a 1-element torch.int32 tensor)");
+  TORCH_CHECK(hysteresis == 1 || hysteresis_tracker.has_value(), "fastamp.", op, ": hysteresis=", hysteresis,
+              " needs a hysteresis_tracker (a 1-element torch.int32 tensor)");
   if (hysteresis_tracker.has_value()) check_int_tensor(op, "hysteresis_tracker", *hysteresis_tracker, device);
   TORCH_CHECK(min_scale >= 0.0 && min_scale <= max_scale, "fastamp.", op,
               ": need 0 <= min_scale <= max_scale, got min_scale=", min_scale, ", max_scale=", max_scale);

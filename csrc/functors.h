@@ -18,8 +18,12 @@ namespace fastamp {
 
 // Arithmetic type of an element type: fp32 for fp32/fp16/bf16 (rounding once on the way back), fp64
 // for fp64. Matches ATen's opmath_type.
-template <typename T> struct OpMath { using type = float; };
-template <> struct OpMath<double> { using type = double; };
+template <typename T> struct OpMath {
+  using type = float;
+};
+template <> struct OpMath<double> {
+  using type = double;
+};
 template <typename T> using opmath_t = typename OpMath<T>::type;
 
 // Nonzero-free probe of finiteness: x - x is +0 for every finite x and NaN for +-inf and NaN. Adding
@@ -65,10 +69,9 @@ template <typename A> FASTAMP_HD A clip_coefficient(A total_norm, double max_nor
 // hysteresis_tracker holds how many more consecutive overflows are tolerated before backing off; it is
 // refilled to `hysteresis` by every step without overflow. With hysteresis == 1, min_scale == 0 and
 // max_scale == inf this is torch._amp_update_scale_ exactly.
-FASTAMP_HD void update_scale_step(float* scale, int32_t* growth_tracker, const float* found_inf,
-                                  double growth_factor, double backoff_factor, int64_t growth_interval,
-                                  int64_t hysteresis, int32_t* hysteresis_tracker, double min_scale,
-                                  double max_scale) {
+FASTAMP_HD void update_scale_step(float* scale, int32_t* growth_tracker, const float* found_inf, double growth_factor,
+                                  double backoff_factor, int64_t growth_interval, int64_t hysteresis,
+                                  int32_t* hysteresis_tracker, double min_scale, double max_scale) {
   if (*found_inf != 0.0f) {
     *growth_tracker = 0;
     if (hysteresis_tracker != nullptr) {

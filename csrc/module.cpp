@@ -26,9 +26,9 @@
 
 // Read from the file by fastamp/_build.py before the module is loaded, so that a module built for
 // another torch is never loaded (loading it can crash or fail on missing libraries).
-FASTAMP_KEEP const char fastamp_build_record[] = "FASTAMP_BUILD_RECORD{torch=" FASTAMP_TORCH_VERSION
-                                                 ";cuda=" FASTAMP_CUDA_VERSION ";archs=" FASTAMP_CUDA_ARCHS
-                                                 ";block=" FASTAMP_BLOCK_SHAPE ";source=" FASTAMP_SOURCE_HASH "}";
+FASTAMP_KEEP const char fastamp_build_record[] =
+    "FASTAMP_BUILD_RECORD{torch=" FASTAMP_TORCH_VERSION ";cuda=" FASTAMP_CUDA_VERSION ";archs=" FASTAMP_CUDA_ARCHS
+    ";block=" FASTAMP_BLOCK_SHAPE ";source=" FASTAMP_SOURCE_HASH "}";
 
 #if defined(FASTAMP_WITH_CUDA)
 extern "C" int fastamp_cuda_driver_version();

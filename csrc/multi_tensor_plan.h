@@ -41,8 +41,8 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Splits tensors of the given element counts into chunks of `chunk_size` elements and packs the
 // chunks into launches holding at most `max_tensors` distinct tensors and `max_blocks` blocks each.
 // Empty tensors get no block. The limits mirror what fits in one kernel's parameter space.
-inline MultiTensorPlan plan_multi_tensor(const std::vector<int64_t>& numels, int64_t chunk_size,
-                                         int64_t max_tensors, int64_t max_blocks) {
+inline MultiTensorPlan plan_multi_tensor(const std::vector<int64_t>& numels, int64_t chunk_size, int64_t max_tensors,
+                                         int64_t max_blocks) {
   if (chunk_size <= 0) throw std::invalid_argument("plan_multi_tensor: chunk_size must be positive");
   if (max_tensors <= 0 || max_blocks <= 0)
     throw std::invalid_argument("plan_multi_tensor: launch limits must be positive");

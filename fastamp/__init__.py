@@ -6,15 +6,15 @@ from typing import Any, Dict
 
 import torch
 
-from . import ops
+from . import models, ops
 from ._extension import KernelFallbackWarning, extension_status
-from . import models
 from .grad_scaler import GradScaler
 from .trainer import FusedMixedPrecisionTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedMixedPrecisionTrainer", "GradScaler", "KernelFallbackWarning", "__version__", "build_info", "has_cuda_kernels", "models", "ops"]
+__all__ = ["FusedMixedPrecisionTrainer", "GradScaler", "KernelFallbackWarning", "__version__", "build_info",
+           "has_cuda_kernels", "models", "ops"]
 
 
 def has_cuda_kernels() -> bool:

@@ -203,7 +203,8 @@ def analyze_gradients(
     """What happens to these fp32 gradients (unscaled) if they are produced at ``loss_scale`` in each
     format: fractions of nonzero values that underflow to zero, become subnormal, or overflow to inf, and
     the best power-of-two loss scale for the format (the one that keeps the most values normal without
-    any overflow, and the smallest such: the most headroom). Counts are exact over all elements (on the gradients' device, one read to the host).
+    any overflow, and the smallest such: the most headroom). Counts are exact over all elements (on the gradients'
+    device, one read to the host).
     """
     grads = _gradients(model_or_grads)
     if not grads:

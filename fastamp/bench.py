@@ -16,14 +16,12 @@ from __future__ import annotations
 import csv
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch

@@ -191,7 +191,8 @@ def _check_unscale_check(device: str) -> float:
                 _expect(_same(f_stock, _scalar(float(any(not bool(torch.isfinite(grads[i]).all()) for i in fp32)), device)),
                         f"{case}: torch's found_inf disagrees with its input")
                 for i, s in zip(fp32, stock):
-                    _expect(_same(ours[i], s), f"{case}, tensor {i}: differs from torch._amp_foreach_non_finite_check_and_unscale_")
+                    _expect(_same(ours[i], s),
+                            f"{case}, tensor {i}: differs from torch._amp_foreach_non_finite_check_and_unscale_")
     return 0.0
 
 
@@ -212,7 +213,8 @@ def _check_grad_norm(device: str) -> float:
             _expect(err <= tol, f"{case}, inv_scale {inv}: relative error {err:.3g} > {tol:g}", err)
             worst = max(worst, err)
     total, per = ops.grad_norm([], None, _scalar(0.0, device), per_tensor=True)
-    _expect(float(total) == 0.0 and per.numel() == 0 and total.device.type == device, "empty list: norm is not a zero on the device")
+    _expect(float(total) == 0.0 and per.numel() == 0 and total.device.type == device,
+            "empty list: norm is not a zero on the device")
     return worst
 
 
@@ -282,8 +284,9 @@ def _check_update_scale(device: str) -> float:
         state_torch = [t.clone() for t in state_ours[:2]]
         for step, overflow in enumerate(overflows):
             found = _scalar(float(overflow), device)
-            ops.update_scale_(state_ours[0], state_ours[1], found, 2.0, 0.5, 3, hysteresis, state_ours[2], min_scale, max_scale)
-            reference.update_scale_(state_ref[0], state_ref[1], found, 2.0, 0.5, 3, hysteresis, state_ref[2], min_scale, max_scale)
+            args = (found, 2.0, 0.5, 3, hysteresis)
+            ops.update_scale_(state_ours[0], state_ours[1], *args, state_ours[2], min_scale, max_scale)
+            reference.update_scale_(state_ref[0], state_ref[1], *args, state_ref[2], min_scale, max_scale)
             _expect(all(torch.equal(a, b) for a, b in zip(state_ours, state_ref)),
                     f"hysteresis {hysteresis}, step {step}: scale {state_ours[0].item()} vs reference {state_ref[0].item()}")
             if hysteresis == 1 and min_scale == 0.0:
@@ -306,7 +309,8 @@ def _inputs(device: str, step: int) -> Tensor:
     return torch.randn(8, 16, generator=g).to(device)
 
 
-def _run_scaler(scaler_cls: type, device: str, steps: int, overflow_steps: Sequence[int]) -> Tuple[List[float], List[int], List[Tensor]]:
+def _run_scaler(scaler_cls: type, device: str, steps: int,
+                overflow_steps: Sequence[int]) -> Tuple[List[float], List[int], List[Tensor]]:
     model = _model(device, 0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scaler = scaler_cls(device, init_scale=2.0**10, growth_interval=3)

@@ -13,6 +13,7 @@ __all__ = ["main"]
 
 def _info(args: argparse.Namespace) -> int:
     import fastamp
+
     from .analysis import hardware_report
 
     info = fastamp.build_info()

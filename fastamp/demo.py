@@ -19,10 +19,9 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from .models import MODEL_SIZES, TransformerLM, build_model, synthetic_batches
 from .metrics import StepHistory, StepTimer, memory_mb, training_statistics
-from .trainer import (FusedMixedPrecisionTrainer, normalize_precision,
-                      plot_dashboard)
+from .models import MODEL_SIZES, TransformerLM, build_model, synthetic_batches
+from .trainer import FusedMixedPrecisionTrainer, normalize_precision, plot_dashboard
 
 __all__ = ["default_precision", "run_demo", "stock_amp_loop"]
 

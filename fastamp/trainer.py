@@ -19,10 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from .grad_scaler import GradScaler
-from .metrics import StepHistory, StepTimer, memory_mb, training_statistics
-from .plots import plot_dashboard
 from .gradients import clip_gradients, grads_by_device
+from .metrics import StepHistory, StepTimer, memory_mb, training_statistics
 from .ops import NonFiniteRecord, nonfinite_report
+from .plots import plot_dashboard
 
 __all__ = ["FusedMixedPrecisionTrainer", "StepResult", "normalize_precision", "plot_dashboard"]
 

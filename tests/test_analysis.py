@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from fastamp.analysis import (FORMATS, PrecisionAnalyzer, analyze_gradients, format_facts, hardware_report,
-                              recommendations)
+from fastamp.analysis import FORMATS, PrecisionAnalyzer, analyze_gradients, format_facts, hardware_report, recommendations
 
 
 def test_format_facts_match_finfo_and_hand_values():

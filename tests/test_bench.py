@@ -111,8 +111,10 @@ def test_summarize_renders_both_formats(tmp_path):
     pytest_json = {
         "machine_info": {"cpu": {"brand_raw": "X"}}, "commit_info": {"id": "abc"},
         "benchmarks": [
-            {"group": "g", "name": "a", "stats": {"data": [2.0, 2.0]}, "extra_info": {"baseline": True, "role": "stock", "impl": "stock", "bytes": 4e9}},
-            {"group": "g", "name": "b", "stats": {"data": [1.0, 1.0]}, "extra_info": {"role": "fastamp", "impl": "fast", "bytes": 4e9}},
+            {"group": "g", "name": "a", "stats": {"data": [2.0, 2.0]},
+             "extra_info": {"baseline": True, "role": "stock", "impl": "stock", "bytes": 4e9}},
+            {"group": "g", "name": "b", "stats": {"data": [1.0, 1.0]},
+             "extra_info": {"role": "fastamp", "impl": "fast", "bytes": 4e9}},
         ],
     }
     other = tmp_path / "pb.json"

@@ -16,11 +16,13 @@ BROKEN_KERNELS = {
     "scale_": "def broken(tensors, factor, found_inf):\n"
               "    ops.reference.scale_(tensors, factor * 1.0001, found_inf)\n",
     "grad_norm": "def broken(grads, inv_scale, found_inf, per_tensor):\n"
-                 "    return ops.reference.grad_norm(grads, None if inv_scale is None else inv_scale * 1.00001, found_inf, per_tensor)\n",
+                 "    wrong = None if inv_scale is None else inv_scale * 1.00001\n"
+                 "    return ops.reference.grad_norm(grads, wrong, found_inf, per_tensor)\n",
     "unscale_check_": "def broken(grads, found_inf, inv_scale):  # never flags non-finite values\n"
                       "    ops.reference.unscale_check_(grads, torch.zeros_like(found_inf), inv_scale)\n",
     "update_scale_": "def broken(scale, tracker, found_inf, growth, backoff, interval, hysteresis, htracker, lo, hi):\n"
-                     "    ops.reference.update_scale_(scale, tracker, found_inf, growth, backoff, interval + 1, hysteresis, htracker, lo, hi)\n",
+                     "    ops.reference.update_scale_(scale, tracker, found_inf, growth, backoff, interval + 1,\n"
+                     "                                hysteresis, htracker, lo, hi)\n",
 }
 
 

@@ -53,7 +53,7 @@ def test_kernels_compile_without_spills_and_use_128_bit_accesses(source, arch, l
     assert result.returncode == 0, result.stderr[-4000:]
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
     assert spills, result.stderr[-2000:]
-    assert all(int(s) == 0 and int(l) == 0 for s, l in spills), result.stderr
+    assert all(int(stores) == 0 and int(loads) == 0 for stores, loads in spills), result.stderr
     cuobjdump = _cuobjdump()
     if cuobjdump is None or "multi_tensor_kernel" not in result.stderr:
         return

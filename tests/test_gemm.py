@@ -10,8 +10,16 @@ import pytest
 import torch
 
 from fastamp.cli import main
-from fastamp.gemm import (AlignedLinear, GemmResult, align_up, audit_model, benchmark_gemm, format_gemm_table,
-                          pad_linear_, peak_tflops)
+from fastamp.gemm import (
+    AlignedLinear,
+    GemmResult,
+    align_up,
+    audit_model,
+    benchmark_gemm,
+    format_gemm_table,
+    pad_linear_,
+    peak_tflops,
+)
 
 
 def test_align_up_and_peaks():

@@ -105,7 +105,8 @@ def test_cpu_kernels_were_built_and_load():
     assert "CPU" not in info["reference_fallback"]
 
 
-@pytest.mark.skipif(os.environ.get("FASTAMP_EXPECT_CUDA_KERNELS") != "1", reason="set when torch is a CUDA build and nvcc is found")
+@pytest.mark.skipif(os.environ.get("FASTAMP_EXPECT_CUDA_KERNELS") != "1",
+                    reason="set when torch is a CUDA build and nvcc is found")
 def test_cuda_kernels_were_built_and_registered():
     # Registration for the CUDA dispatch key is visible without a GPU.
     info = fastamp.build_info()

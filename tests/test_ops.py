@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fastamp
 from fastamp import ops
-from fastamp.ops import _reference
 
 from .conftest import IMPLEMENTATIONS
 
@@ -535,12 +538,39 @@ def test_bad_clip_coef(impl):
 # ---- reference vs PyTorch (the oracle itself is checked) --------------------------------------------------
 
 
-def test_reference_is_registered_only_where_kernels_are_missing():
-    from fastamp._extension import EXTENSION, dispatch_keys_with_kernel
+def _registered_from(op: str, key: str) -> str:
+    table = torch._C._dispatch_dump_table(f"fastamp::{op}")
+    return next(line for line in table.splitlines() if line.startswith(key + ":")).replace("\\", "/")
 
-    for op in ("unscale_check_", "grad_norm", "unscale_check_norm_", "clip_coef", "scale_", "update_scale_"):
-        assert "CPU" in dispatch_keys_with_kernel(op)
-    assert EXTENSION["loaded"] or EXTENSION["error"]
+
+def test_the_reference_is_registered_exactly_where_no_kernel_was_compiled():
+    info = fastamp.build_info()
+    for op in ops.OP_NAMES:
+        for key in ("CPU", "CUDA"):
+            line = _registered_from(op, key)
+            compiled = f"csrc/{key.lower()}/ops.cpp" in line or f"_csrc/{key.lower()}/ops.cpp" in line
+            runs_reference = op in info["reference_fallback"].get(key, [])
+            assert compiled != runs_reference and (runs_reference == ("ops/_library.py" in line)), line
+        assert info["cpu_kernels"] == ("csrc/cpu/ops.cpp" in _registered_from(op, "CPU")), op
+
+
+def test_without_the_extension_every_key_runs_the_reference_and_kernel_tests_do_not_pass_on_it():
+    code = (
+        "import torch, fastamp; from fastamp import ops; info = fastamp.build_info()\n"
+        "assert info['reference_fallback'] == {'CPU': list(ops.OP_NAMES), 'CUDA': list(ops.OP_NAMES)}, info\n"
+        "t = torch._C._dispatch_dump_table('fastamp::scale_')\n"
+        "assert 'ops/_library.py' in t and 'ops.cpp' not in t, t\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FASTAMP_EXPECT_EXTENSION"}
+    env["FASTAMP_DISABLE_EXTENSION"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    # The kernel-vs-reference tests of this file are skipped there, saying why (see conftest.impl).
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__,
+                          "-k", "unscale_check_matches_torch and kernel"], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    summary = out.stdout.strip().splitlines()[-1]
+    assert "skipped" in summary and "passed" not in summary and "no compiled CPU kernels" in out.stdout, out.stdout[-3000:]
 
 
 # ---- nonfinite_report -----------------------------------------------------------------------------------------

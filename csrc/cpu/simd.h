@@ -123,7 +123,8 @@ template <> struct Lanes<c10::Half, Avx2> {
 
 template <> struct Lanes<c10::BFloat16, Avx2> {
   static FASTAMP_ALWAYS_INLINE f32x8 load(const c10::BFloat16* p) {
-    const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+    const __m256i w =
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
     return (f32x8)_mm256_castsi256_ps(w);
   }
   // Round to nearest even, NaN -> 0x7FC0 (c10::BFloat16's conversion), as 32-bit lanes <= 0xFFFF.

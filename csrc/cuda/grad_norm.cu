@@ -94,8 +94,8 @@ __global__ void per_tensor_sums_kernel(const FASTAMP_GRID_CONSTANT TensorRanges 
 
 // One block: total = sqrt(sum of values) in fp64; optionally per-entry norms sqrt(values[i]).
 template <typename In>
-__global__ void __launch_bounds__(kFinishThreads) finish_kernel(const In* values, int64_t n, float* total_out,
-                                                                 float* per_entry_norms) {
+__global__ void __launch_bounds__(kFinishThreads)
+    finish_kernel(const In* values, int64_t n, float* total_out, float* per_entry_norms) {
   double sum = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const double v = static_cast<double>(values[i]);
@@ -113,13 +113,13 @@ void launch_sum_squares(const std::vector<DeviceTensor>& tensors, const MultiTen
   multi_tensor_apply(tensors, plan, SumSquaresOp{inv_scale, found_inf, partials}, stream);
 }
 
-void launch_unscale_sum_squares(const std::vector<DeviceTensor>& tensors, const MultiTensorPlan& plan,
-                                float* found_inf, const float* inv_scale, float* partials, cudaStream_t stream) {
+void launch_unscale_sum_squares(const std::vector<DeviceTensor>& tensors, const MultiTensorPlan& plan, float* found_inf,
+                                const float* inv_scale, float* partials, cudaStream_t stream) {
   multi_tensor_apply(tensors, plan, UnscaleSumSquaresOp{found_inf, inv_scale, partials}, stream);
 }
 
-void launch_finish_norms(const float* partials, const MultiTensorPlan& plan, double* per_tensor_sums,
-                         float* total_out, float* per_tensor_out, cudaStream_t stream) {
+void launch_finish_norms(const float* partials, const MultiTensorPlan& plan, double* per_tensor_sums, float* total_out,
+                         float* per_tensor_out, cudaStream_t stream) {
   if (per_tensor_out == nullptr) {
     finish_kernel<float><<<1, kFinishThreads, 0, stream>>>(partials, plan.total_blocks, total_out, nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

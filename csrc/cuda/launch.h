@@ -45,13 +45,13 @@ void launch_sum_squares(const std::vector<DeviceTensor>& tensors, const MultiTen
                         float* found_inf, float* partials, cudaStream_t stream);
 
 // Unscale in place (as launch_unscale_check) and partials[block] = sum of squares of the written values.
-void launch_unscale_sum_squares(const std::vector<DeviceTensor>& tensors, const MultiTensorPlan& plan,
-                                float* found_inf, const float* inv_scale, float* partials, cudaStream_t stream);
+void launch_unscale_sum_squares(const std::vector<DeviceTensor>& tensors, const MultiTensorPlan& plan, float* found_inf,
+                                const float* inv_scale, float* partials, cudaStream_t stream);
 
 // Fixed-order second stage: total = sqrt(sum of partials); with per_tensor_out, each tensor's norm from
 // its block range (per_tensor_sums is an fp64 workspace of one entry per tensor).
-void launch_finish_norms(const float* partials, const MultiTensorPlan& plan, double* per_tensor_sums,
-                         float* total_out, float* per_tensor_out, cudaStream_t stream);
+void launch_finish_norms(const float* partials, const MultiTensorPlan& plan, double* per_tensor_sums, float* total_out,
+                         float* per_tensor_out, cudaStream_t stream);
 
 // t *= *factor in place, unless found_inf (may be null) is set.
 void launch_scale(const std::vector<DeviceTensor>& tensors, const MultiTensorPlan& plan, const float* factor,

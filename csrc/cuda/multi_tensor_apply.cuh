@@ -5,8 +5,8 @@
 // One block handles one chunk of kChunkSize elements. Tensors of any dtype (fp32, fp16, bf16) share a
 // launch: each block switches once on its tensor's dtype. Every chunk uses 128-bit loads and stores,
 // kILP of them in flight per thread; a chunk whose base is not 16-byte aligned first peels the few
-// elements before the boundary. Each thread visits its elements in a fixed order, so per-thread accumulations, and the fixed-shape block
-// reduction after them, give bit-identical results run to run.
+// elements before the boundary. Each thread visits its elements in a fixed order, so per-thread accumulations, and the
+// fixed-shape block reduction after them, give bit-identical results run to run.
 #pragma once
 
 #include <cstdint>
@@ -138,7 +138,8 @@ __device__ __forceinline__ A block_sum(A value) {
 
 // Runs op.template run<T>(chunk_data, count, global_block) for the block's chunk.
 template <typename Op>
-__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) multi_tensor_kernel(const FASTAMP_GRID_CONSTANT TensorListArgs args, Op op) {
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
+    multi_tensor_kernel(const FASTAMP_GRID_CONSTANT TensorListArgs args, Op op) {
   const int slot = args.block_slot[blockIdx.x];
   const int64_t first = static_cast<int64_t>(args.block_chunk[blockIdx.x]) * kChunkSize;
   const int64_t remaining = args.numel[slot] - first;
@@ -146,7 +147,9 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) multi_tensor_k
   const int64_t block = args.first_block + blockIdx.x;
   switch (args.dtype[slot]) {
     case DType::kFloat: op.template run<float>(static_cast<float*>(args.data[slot]) + first, count, block); break;
-    case DType::kHalf: op.template run<c10::Half>(static_cast<c10::Half*>(args.data[slot]) + first, count, block); break;
+    case DType::kHalf:
+      op.template run<c10::Half>(static_cast<c10::Half*>(args.data[slot]) + first, count, block);
+      break;
     case DType::kBFloat16:
       op.template run<c10::BFloat16>(static_cast<c10::BFloat16*>(args.data[slot]) + first, count, block);
       break;

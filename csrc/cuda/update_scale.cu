@@ -22,11 +22,11 @@ __global__ void update_scale_kernel(float* scale, int32_t* growth_tracker, const
 
 void launch_clip_coef(const void* total_norm, void* coef, bool fp64, double max_norm, double eps, cudaStream_t stream) {
   if (fp64) {
-    clip_coef_kernel<double><<<1, 1, 0, stream>>>(static_cast<const double*>(total_norm), static_cast<double*>(coef),
-                                                  max_norm, eps);
+    clip_coef_kernel<double>
+        <<<1, 1, 0, stream>>>(static_cast<const double*>(total_norm), static_cast<double*>(coef), max_norm, eps);
   } else {
-    clip_coef_kernel<float><<<1, 1, 0, stream>>>(static_cast<const float*>(total_norm), static_cast<float*>(coef),
-                                                max_norm, eps);
+    clip_coef_kernel<float>
+        <<<1, 1, 0, stream>>>(static_cast<const float*>(total_norm), static_cast<float*>(coef), max_norm, eps);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

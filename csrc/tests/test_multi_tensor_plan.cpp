@@ -9,12 +9,12 @@ using fastamp::MultiTensorPlan;
 using fastamp::plan_multi_tensor;
 
 static int failures = 0;
-#define EXPECT(cond)                                                      \
-  do {                                                                    \
-    if (!(cond)) {                                                        \
+#define EXPECT(cond)                                                                 \
+  do {                                                                               \
+    if (!(cond)) {                                                                   \
       std::fprintf(stderr, "%s:%d: EXPECT(%s) failed\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                         \
-    }                                                                     \
+      ++failures;                                                                    \
+    }                                                                                \
   } while (0)
 
 // Every element of every tensor is covered exactly once, blocks are numbered in list order, and each
@@ -82,10 +82,18 @@ int main() {
   }
   // Bad arguments are refused.
   bool threw = false;
-  try { plan_multi_tensor({1}, 0, 1, 1); } catch (const std::invalid_argument&) { threw = true; }
+  try {
+    plan_multi_tensor({1}, 0, 1, 1);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
   EXPECT(threw);
   threw = false;
-  try { plan_multi_tensor({-1}, 4, 1, 1); } catch (const std::invalid_argument&) { threw = true; }
+  try {
+    plan_multi_tensor({-1}, 4, 1, 1);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
   EXPECT(threw);
 
   if (failures) {

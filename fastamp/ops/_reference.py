@@ -17,7 +17,6 @@ from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-
 __all__ = [
     "NonFiniteRecord",
     "kernel_dtypes",
