@@ -231,6 +231,11 @@ def _stock_norm(s: BenchState) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(s.grads)))
 
 
+def _stock_unscale_then_norm(s: BenchState) -> Tensor:
+    torch._amp_foreach_non_finite_check_and_unscale_(s.grads, s.found_inf, s.inv_scale)
+    return _stock_norm(s)
+
+
 class _OptimizerStep:
     """The whole optimizer-side step on the state's parameters: AdamW and a scaler of its own (stock:
     torch.amp.GradScaler + unscale_ + clip_grad_norm_(foreach); fastamp: fastamp.GradScaler.clip_grad_norm_),
@@ -273,6 +278,10 @@ CASES: List[BenchCase] = [
     BenchCase("grad-norm", "sum flat", "reference", lambda s: s.flat.sum(), 1, 0, description="read bandwidth"),
     BenchCase("grad-norm", "stock _foreach_norm", "stock", _stock_norm, 1, 0, baseline=True),
     BenchCase("grad-norm", "fastamp grad_norm", "fastamp", lambda s: ops.grad_norm(s.grads, s.inv_scale, s.found_inf), 1, 0),
+    BenchCase("unscale-norm", "stock _amp_foreach_non_finite_check_and_unscale_ + _foreach_norm", "stock",
+              _stock_unscale_then_norm, 2, 1, restore=True, baseline=True),
+    BenchCase("unscale-norm", "fastamp unscale_check_norm_", "fastamp",
+              lambda s: ops.unscale_check_norm_(s.grads, s.found_inf, s.inv_scale), 1, 1, restore=True),
     BenchCase("clipped-step", "stock unscale_ + clip_grad_norm_(foreach)", "stock", _stock_clipped_step, 3, 2,
               restore=True, baseline=True),
     BenchCase("clipped-step", "stock per-parameter loop (notebook)", "stock", _notebook_loop_step, 6, 2, restore=True),

@@ -10,7 +10,7 @@ namespace {
 
 constexpr int kFinishThreads = 1024;
 
-struct SumSquaresOp {
+struct GradNormOp {
   const float* inv_scale;  // may be null
   float* found_inf;        // may be null
   float* partials;
@@ -40,7 +40,7 @@ struct SumSquaresOp {
   }
 };
 
-struct UnscaleSumSquaresOp {
+struct UnscaleCheckNormOp {
   float* found_inf;
   const float* inv_scale;
   float* partials;
@@ -110,12 +110,12 @@ __global__ void __launch_bounds__(kFinishThreads)
 
 void launch_sum_squares(const std::vector<DeviceTensor>& tensors, const MultiTensorPlan& plan, const float* inv_scale,
                         float* found_inf, float* partials, cudaStream_t stream) {
-  multi_tensor_apply(tensors, plan, SumSquaresOp{inv_scale, found_inf, partials}, stream);
+  multi_tensor_apply(tensors, plan, GradNormOp{inv_scale, found_inf, partials}, stream);
 }
 
 void launch_unscale_sum_squares(const std::vector<DeviceTensor>& tensors, const MultiTensorPlan& plan, float* found_inf,
                                 const float* inv_scale, float* partials, cudaStream_t stream) {
-  multi_tensor_apply(tensors, plan, UnscaleSumSquaresOp{found_inf, inv_scale, partials}, stream);
+  multi_tensor_apply(tensors, plan, UnscaleCheckNormOp{found_inf, inv_scale, partials}, stream);
 }
 
 void launch_finish_norms(const float* partials, const MultiTensorPlan& plan, double* per_tensor_sums, float* total_out,

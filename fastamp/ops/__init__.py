@@ -6,6 +6,23 @@ dtypes (fp32, fp16, bf16; fp64 on CPU), sizes (empty included) and layouts (non-
 handled correctly, at the cost of a copy). Scalars such as the scale, inverse scale, norm and found_inf
 are 1-element fp32 tensors on the gradients' device, never Python numbers, so nothing forces a host
 sync. ``found_inf`` is only ever set to 1, never cleared, so one flag can gather several groups.
+
+Where each op lives (schemas: ``_library.SCHEMAS``; reference: ``_reference.<op>``; CPU registration:
+``csrc/cpu/ops.cpp``; CUDA registration: ``csrc/cuda/ops.cpp``; CPU tests: ``tests/test_ops.py``, test
+names start with the op; ``fastamp check`` runs them all on a user's machine):
+
+=====================  ==========================  ====================================  ============
+op                     CPU kernel (csrc/cpu/)      CUDA kernel (csrc/cuda/, functor)     bench key
+=====================  ==========================  ====================================  ============
+unscale_check_         unscale_check.cpp           unscale_check.cu, UnscaleCheckOp      unscale
+grad_norm              grad_norm.cpp               grad_norm.cu, GradNormOp              grad-norm
+unscale_check_norm_    grad_norm.cpp               grad_norm.cu, UnscaleCheckNormOp      unscale-norm
+clip_coef              update_scale.cpp            update_scale.cu                       clipped-step
+scale_                 scale.cpp                   scale.cu, ScaleOp                     clipped-step
+update_scale_          update_scale.cpp            update_scale.cu                       update-scale
+=====================  ==========================  ====================================  ============
+
+CUDA-only tests (graphs, sync debug, >2**31 elements, misaligned views, launches) are in ``tests/cuda``.
 """
 
 from __future__ import annotations
