@@ -67,11 +67,8 @@ def toolchain(torch):
         )
     if force_cuda and cuda_home is None:
         raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to the toolkit root")
-    if torch.version.cuda is None or cuda_home is None:
-        return fastamp_build.Toolchain(torch.__version__, torch.version.cuda)
     archs = fastamp_build.parse_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST") or fastamp_build.DEFAULT_CUDA_ARCHS)
-    return fastamp_build.Toolchain(torch.__version__, torch.version.cuda, cuda_home,
-                                   fastamp_build.nvcc_version(cuda_home), tuple(archs))
+    return fastamp_build.cuda_toolchain(torch.__version__, torch.version.cuda, cuda_home, archs)
 
 
 def extensions():

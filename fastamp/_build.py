@@ -44,6 +44,7 @@ __all__ = [
     "cache_slot",
     "compile_into_cache",
     "compiler_macros",
+    "cuda_toolchain",
     "cuda_archs_cover",
     "extension_sources",
     "find_cached",
@@ -230,6 +231,17 @@ class Toolchain:
             return "CPU"
         shape = f", blocks {self.block_shape}" if self.block_shape else ""
         return "CPU+CUDA " + " ".join("sm_" + a.replace(".", "") for a in self.cuda_archs) + shape
+
+
+def cuda_toolchain(torch_version: str, torch_cuda: Optional[str], cuda_home: Optional[str], archs: Sequence[str],
+                   block_shape: str = "") -> Toolchain:
+    """The toolchain for these archs with the toolkit at ``cuda_home``; CPU only when there are no archs,
+    no toolkit or a CPU build of torch (callers that asked for CUDA check ``with_cuda``)."""
+    if not archs or cuda_home is None or torch_cuda is None:
+        return Toolchain(torch_version, torch_cuda)
+    if block_shape:
+        parse_block_shape(block_shape)
+    return Toolchain(torch_version, torch_cuda, cuda_home, nvcc_version(cuda_home), tuple(archs), block_shape)
 
 
 def compiler_macros(toolchain: Toolchain, sources_digest: str) -> List[Tuple[str, str]]:

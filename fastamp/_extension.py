@@ -63,15 +63,10 @@ def _ahead_of_time_build() -> Optional[str]:
 def _jit_toolchain(problems: List[str]) -> _build.Toolchain:
     """What a JIT build here compiles for: CPU always; CUDA for the visible GPUs' archs when torch is
     a CUDA build and a toolkit is found."""
-    if torch.version.cuda is None:
-        return _build.Toolchain(torch.__version__, None)
-    archs = _build.visible_gpu_archs()
-    if not archs:
-        return _build.Toolchain(torch.__version__, torch.version.cuda)
-    cuda_home = _build.find_cuda_home()
-    if cuda_home is None:
+    archs = _build.visible_gpu_archs() if torch.version.cuda is not None else []
+    cuda_home = _build.find_cuda_home() if archs else None
+    if archs and cuda_home is None:
         problems.append("no CUDA toolkit (nvcc) was found to compile the CUDA kernels: set CUDA_HOME")
-        return _build.Toolchain(torch.__version__, torch.version.cuda)
     block_shape = os.environ.get("FASTAMP_CUDA_BLOCK_SHAPE", "")
     if block_shape:
         try:
@@ -79,8 +74,7 @@ def _jit_toolchain(problems: List[str]) -> _build.Toolchain:
         except ValueError as exc:
             problems.append(f"FASTAMP_CUDA_BLOCK_SHAPE ignored: {exc}")
             block_shape = ""
-    return _build.Toolchain(torch.__version__, torch.version.cuda, cuda_home, _build.nvcc_version(cuda_home),
-                            tuple(archs), block_shape)
+    return _build.cuda_toolchain(torch.__version__, torch.version.cuda, cuda_home, archs, block_shape)
 
 
 def _load_jit(status: Dict[str, Any], problems: List[str]) -> bool:

@@ -72,11 +72,7 @@ def _build_kernels(args: argparse.Namespace) -> int:
     if not archs and torch.version.cuda is not None and not args.cpu_only:
         print("fastamp build: no GPU visible and no --cuda-arch: building the CPU kernels only", file=sys.stderr)
     block_shape = args.block_shape or os.environ.get("FASTAMP_CUDA_BLOCK_SHAPE", "")
-    if block_shape:
-        _build.parse_block_shape(block_shape)
-    tools = _build.Toolchain(torch.__version__, torch.version.cuda, cuda_home,
-                             _build.nvcc_version(cuda_home) if cuda_home else (0, 0), tuple(archs),
-                             block_shape if archs else "")
+    tools = _build.cuda_toolchain(torch.__version__, torch.version.cuda, cuda_home, archs, block_shape)
     try:
         built = _build.compile_into_cache(tools, force=args.force, verbose=args.verbose)
     except _build.BuildError as exc:
