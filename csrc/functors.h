@@ -68,11 +68,30 @@ template <typename A> FASTAMP_HD A clip_coefficient(A total_norm, double max_nor
 // One dynamic loss-scale update, in double like torch._amp_update_scale_, plus hysteresis and bounds.
 // hysteresis_tracker holds how many more consecutive overflows are tolerated before backing off; it is
 // refilled to `hysteresis` by every step without overflow. With hysteresis == 1, min_scale == 0 and
-// max_scale == inf this is torch._amp_update_scale_ exactly.
-FASTAMP_HD void update_scale_step(float* scale, int32_t* growth_tracker, const float* found_inf, double growth_factor,
-                                  double backoff_factor, int64_t growth_interval, int64_t hysteresis,
-                                  int32_t* hysteresis_tracker, double min_scale, double max_scale) {
-  if (*found_inf != 0.0f) {
+// max_scale == inf this is torch._amp_update_scale_ exactly. Its ten arguments travel as one ScaleUpdate.
+struct ScaleUpdate {
+  // The state, updated in place (hysteresis_tracker may be null), and the flag that drives it.
+  float* scale;
+  int32_t* growth_tracker;
+  int32_t* hysteresis_tracker;
+  const float* found_inf;
+  // The policy.
+  double growth_factor;
+  double backoff_factor;
+  int64_t growth_interval;
+  int64_t hysteresis;
+  double min_scale;
+  double max_scale;
+};
+
+FASTAMP_HD void update_scale_step(const ScaleUpdate& u) {
+  float* scale = u.scale;
+  int32_t* growth_tracker = u.growth_tracker;
+  int32_t* hysteresis_tracker = u.hysteresis_tracker;
+  const double growth_factor = u.growth_factor, backoff_factor = u.backoff_factor;
+  const double min_scale = u.min_scale, max_scale = u.max_scale;
+  const int64_t growth_interval = u.growth_interval, hysteresis = u.hysteresis;
+  if (*u.found_inf != 0.0f) {
     *growth_tracker = 0;
     if (hysteresis_tracker != nullptr) {
       *hysteresis_tracker -= 1;

@@ -20,9 +20,10 @@ at::Tensor clip_coef(const at::Tensor& total_norm, double max_norm, double eps) 
 void update_scale_(at::Tensor& scale, at::Tensor& growth_tracker, const at::Tensor& found_inf, double growth_factor,
                    double backoff_factor, int64_t growth_interval, int64_t hysteresis,
                    const std::optional<at::Tensor>& hysteresis_tracker, double min_scale, double max_scale) {
-  int32_t* hysteresis_ptr = hysteresis_tracker.has_value() ? hysteresis_tracker->data_ptr<int32_t>() : nullptr;
-  update_scale_step(scale.data_ptr<float>(), growth_tracker.data_ptr<int32_t>(), found_inf.data_ptr<float>(),
-                    growth_factor, backoff_factor, growth_interval, hysteresis, hysteresis_ptr, min_scale, max_scale);
+  update_scale_step(ScaleUpdate{scale.data_ptr<float>(), growth_tracker.data_ptr<int32_t>(),
+                                hysteresis_tracker.has_value() ? hysteresis_tracker->data_ptr<int32_t>() : nullptr,
+                                found_inf.data_ptr<float>(), growth_factor, backoff_factor, growth_interval, hysteresis,
+                                min_scale, max_scale});
 }
 
 }  // namespace fastamp::cpu

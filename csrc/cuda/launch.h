@@ -8,6 +8,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../functors.h"
 #include "../multi_tensor_plan.h"
 
 namespace fastamp::cuda {
@@ -60,8 +61,7 @@ void launch_scale(const std::vector<DeviceTensor>& tensors, const MultiTensorPla
 // *coef = min(1, max_norm / (*total_norm + eps)) in the norm's precision (fp32, or fp64 when fp64).
 void launch_clip_coef(const void* total_norm, void* coef, bool fp64, double max_norm, double eps, cudaStream_t stream);
 
-void launch_update_scale(float* scale, int32_t* growth_tracker, const float* found_inf, double growth_factor,
-                         double backoff_factor, int64_t growth_interval, int64_t hysteresis,
-                         int32_t* hysteresis_tracker, double min_scale, double max_scale, cudaStream_t stream);
+// One dynamic loss-scale update on the device (ScaleUpdate: csrc/functors.h).
+void launch_update_scale(const ScaleUpdate& update, cudaStream_t stream);
 
 }  // namespace fastamp::cuda

@@ -116,10 +116,11 @@ void update_scale_op(at::Tensor& scale, at::Tensor& growth_tracker, const at::Te
   validate_update_scale("update_scale_", scale, growth_tracker, found_inf, growth_factor, backoff_factor,
                         growth_interval, hysteresis, hysteresis_tracker, min_scale, max_scale);
   const c10::cuda::CUDAGuard guard(scale.device());
-  launch_update_scale(float_ptr(scale), growth_tracker.data_ptr<int32_t>(), float_ptr(found_inf), growth_factor,
-                      backoff_factor, growth_interval, hysteresis,
-                      hysteresis_tracker.has_value() ? hysteresis_tracker->data_ptr<int32_t>() : nullptr, min_scale,
-                      max_scale, stream_of(scale.device()));
+  launch_update_scale(ScaleUpdate{float_ptr(scale), growth_tracker.data_ptr<int32_t>(),
+                                  hysteresis_tracker.has_value() ? hysteresis_tracker->data_ptr<int32_t>() : nullptr,
+                                  float_ptr(found_inf), growth_factor, backoff_factor, growth_interval, hysteresis,
+                                  min_scale, max_scale},
+                      stream_of(scale.device()));
 }
 
 }  // namespace

@@ -11,12 +11,7 @@ __global__ void clip_coef_kernel(const A* total_norm, A* coef, double max_norm, 
   *coef = clip_coefficient<A>(*total_norm, max_norm, eps);
 }
 
-__global__ void update_scale_kernel(float* scale, int32_t* growth_tracker, const float* found_inf, double growth_factor,
-                                    double backoff_factor, int64_t growth_interval, int64_t hysteresis,
-                                    int32_t* hysteresis_tracker, double min_scale, double max_scale) {
-  update_scale_step(scale, growth_tracker, found_inf, growth_factor, backoff_factor, growth_interval, hysteresis,
-                    hysteresis_tracker, min_scale, max_scale);
-}
+__global__ void update_scale_kernel(const ScaleUpdate update) { update_scale_step(update); }
 
 }  // namespace
 
@@ -31,11 +26,8 @@ void launch_clip_coef(const void* total_norm, void* coef, bool fp64, double max_
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void launch_update_scale(float* scale, int32_t* growth_tracker, const float* found_inf, double growth_factor,
-                         double backoff_factor, int64_t growth_interval, int64_t hysteresis,
-                         int32_t* hysteresis_tracker, double min_scale, double max_scale, cudaStream_t stream) {
-  update_scale_kernel<<<1, 1, 0, stream>>>(scale, growth_tracker, found_inf, growth_factor, backoff_factor,
-                                           growth_interval, hysteresis, hysteresis_tracker, min_scale, max_scale);
+void launch_update_scale(const ScaleUpdate& update, cudaStream_t stream) {
+  update_scale_kernel<<<1, 1, 0, stream>>>(update);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
