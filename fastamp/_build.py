@@ -42,6 +42,7 @@ __all__ = [
     "build_record",
     "cache_root",
     "cache_slot",
+    "cached_build",
     "compile_into_cache",
     "compiler_macros",
     "cuda_toolchain",
@@ -418,6 +419,17 @@ def find_cached(slot: Path, torch_version: str, digest: str, need_archs: Sequenc
     return candidates[0][1]
 
 
+def cached_build(toolchain: Toolchain) -> Optional[CompiledModule]:
+    """The cache's build for this toolchain and the installed sources, if there is one (no lock taken,
+    nothing compiled)."""
+    root = source_dir()
+    if root is None:
+        return None
+    digest = source_hash(root)
+    slot = cache_slot(digest, toolchain.torch_version, toolchain.torch_cuda)
+    return find_cached(slot, toolchain.torch_version, digest, toolchain.cuda_archs, toolchain.block_shape)
+
+
 @contextlib.contextmanager
 def _exclusive(lock_path: Path, on_wait: Optional[str]) -> Iterator[None]:
     """An exclusive lock held by this process until the block ends (released if the process dies)."""
@@ -491,7 +503,7 @@ def compile_into_cache(toolchain: Toolchain, *, force: bool = False, verbose: bo
         failure = slot / f"{toolchain.variant}.failed"
         if not force:
             found = find_cached(slot, toolchain.torch_version, digest, toolchain.cuda_archs, toolchain.block_shape)
-            if found is not None and (not toolchain.with_cuda or found.archs):
+            if found is not None:
                 return found
             # Ranks that waited for a compile that failed do not each fail the same way again.
             if failure.is_file() and time.time() - failure.stat().st_mtime < FAILED_BUILD_MEMORY_S:

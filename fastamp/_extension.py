@@ -84,9 +84,7 @@ def _load_jit(status: Dict[str, Any], problems: List[str]) -> bool:
         return False
     tools = _jit_toolchain(problems)
     status["jit_cache"] = str(_build.cache_root())
-    digest = _build.source_hash(root)
-    slot = _build.cache_slot(digest, tools.torch_version, tools.torch_cuda)
-    found = _build.find_cached(slot, tools.torch_version, digest, tools.cuda_archs, tools.block_shape)
+    found = _build.cached_build(tools)
     if found is None:
         if os.environ.get("FASTAMP_JIT") == "0":
             problems.append(f"FASTAMP_JIT=0 forbids compiling and the cache ({_build.cache_root()}) holds no build "
