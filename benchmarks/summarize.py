@@ -34,8 +34,8 @@ def render_fastamp_bench(path: str, report: Dict[str, Any], detail_only: bool = 
         f"`{path}`: {env['device_name']} ({env['device']}, {env['threads']} threads), torch {env['torch']}, "
         f"fastamp {env['fastamp']}, commit {(env.get('git_commit') or '?')[:10]}, {env.get('date', '')}",
         "",
-        "| workload | dtype | op | case | median ms | p20–p80 ms | GB/s | % copy bw | vs stock |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| workload | dtype | op | case | median ms | p20–p80 ms | GB/s | % copy bw | % flat bw | vs stock |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if detail_only and (r["workload"], r["dtype"]) != (DETAIL_WORKLOAD, DETAIL_DTYPE):
@@ -43,7 +43,8 @@ def render_fastamp_bench(path: str, report: Dict[str, Any], detail_only: bool = 
         lines.append(
             f"| {r['workload']} | {r['dtype']} | {r['op']} | {r['impl']} | {r['median_s'] * 1e3:.2f} | "
             f"{r['p20_s'] * 1e3:.2f}–{r['p80_s'] * 1e3:.2f} | {_fmt(r['gbps'], '.1f')} | "
-            f"{_fmt(r['pct_copy_bandwidth'], '.0f', '%')} | {_fmt(r['speedup_vs_stock'], '.2f', 'x')} |"
+            f"{_fmt(r['pct_copy_bandwidth'], '.0f', '%')} | {_fmt(r.get('pct_flat_bandwidth'), '.0f', '%')} | "
+            f"{_fmt(r['speedup_vs_stock'], '.2f', 'x')} |"
         )
     return "\n".join(lines)
 

@@ -66,5 +66,5 @@ def test_case(benchmark, device, workload, dtype, case):
     big = state.numel > 10**7
     rounds = (8 if case.op == "optimizer-step" else 15) if big else 100
     benchmark.pedantic(timed, setup=setup, rounds=rounds, warmup_rounds=2, iterations=1)
-    if case.op == "update-scale":
+    if case.op == "update_scale_":
         state.reset_scale()

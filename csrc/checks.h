@@ -99,8 +99,10 @@ inline void validate_unscale_check(const char* op, at::TensorList grads, const a
 
 inline void validate_grad_norm(const char* op, at::TensorList grads, const std::optional<at::Tensor>& inv_scale,
                                const std::optional<at::Tensor>& found_inf) {
-  TORCH_CHECK(!grads.empty(), "fastamp.", op, ": grads is empty (the Python wrapper handles empty lists)");
-  const at::Device device = grads[0].device();
+  // An empty list runs where its scalars are; with none, the dispatcher chose the CompositeExplicitAutograd
+  // kernel (fastamp/ops/_library.py), never this one.
+  const at::Tensor& scalar = inv_scale.has_value() ? *inv_scale : found_inf.has_value() ? *found_inf : at::Tensor();
+  const at::Device device = op_device(grads, scalar);
   const bool allow_double = device.is_cpu();
   check_tensor_list(op, "grads", grads, device, allow_double, /*written=*/false);
   if (inv_scale.has_value()) check_scalar_tensor(op, "inv_scale", *inv_scale, device, false);

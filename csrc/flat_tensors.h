@@ -2,9 +2,11 @@
 #pragma once
 
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 
 #include "multi_tensor_plan.h"
 
@@ -39,5 +41,11 @@ struct FlatTensors {
     for (size_t i : copied) originals[i].copy_(dense[i]);
   }
 };
+
+// The (total, per-tensor) norms of an empty list: 0 and no per-tensor entries, fp32, on `device`.
+inline std::tuple<at::Tensor, at::Tensor> zero_norms(const at::Device& device) {
+  const auto options = at::TensorOptions().dtype(at::kFloat).device(device);
+  return {at::zeros({}, options), at::zeros({0}, options)};
+}
 
 }  // namespace fastamp

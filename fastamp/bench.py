@@ -266,30 +266,30 @@ class _OptimizerStep:
 
 
 CASES: List[BenchCase] = [
-    BenchCase("unscale", "copy_ flat", "reference", lambda s: s.flat_dst.copy_(s.flat), 1, 1,
+    BenchCase("unscale_check_", "copy_ flat", "reference", lambda s: s.flat_dst.copy_(s.flat), 1, 1,
               description="device copy bandwidth (into a preallocated buffer)"),
-    BenchCase("unscale", "mul_ flat", "reference", lambda s: s.flat.mul_(1.0), 1, 1,
+    BenchCase("unscale_check_", "mul_ flat", "reference", lambda s: s.flat.mul_(1.0), 1, 1,
               description="in-place read+write bandwidth"),
-    BenchCase("unscale", "stock _amp_foreach_non_finite_check_and_unscale_", "stock",
+    BenchCase("unscale_check_", "stock _amp_foreach_non_finite_check_and_unscale_", "stock",
               lambda s: torch._amp_foreach_non_finite_check_and_unscale_(s.grads, s.found_inf, s.inv_scale), 1, 1,
               restore=True, baseline=True),
-    BenchCase("unscale", "fastamp unscale_check_", "fastamp",
+    BenchCase("unscale_check_", "fastamp unscale_check_", "fastamp",
               lambda s: ops.unscale_check_(s.grads, s.found_inf, s.inv_scale), 1, 1, restore=True),
-    BenchCase("grad-norm", "sum flat", "reference", lambda s: s.flat.sum(), 1, 0, description="read bandwidth"),
-    BenchCase("grad-norm", "stock _foreach_norm", "stock", _stock_norm, 1, 0, baseline=True),
-    BenchCase("grad-norm", "fastamp grad_norm", "fastamp", lambda s: ops.grad_norm(s.grads, s.inv_scale, s.found_inf), 1, 0),
-    BenchCase("unscale-norm", "stock _amp_foreach_non_finite_check_and_unscale_ + _foreach_norm", "stock",
+    BenchCase("grad_norm", "sum flat", "reference", lambda s: s.flat.sum(), 1, 0, description="read bandwidth"),
+    BenchCase("grad_norm", "stock _foreach_norm", "stock", _stock_norm, 1, 0, baseline=True),
+    BenchCase("grad_norm", "fastamp grad_norm", "fastamp", lambda s: ops.grad_norm(s.grads, s.inv_scale, s.found_inf), 1, 0),
+    BenchCase("unscale_check_norm_", "stock _amp_foreach_non_finite_check_and_unscale_ + _foreach_norm", "stock",
               _stock_unscale_then_norm, 2, 1, restore=True, baseline=True),
-    BenchCase("unscale-norm", "fastamp unscale_check_norm_", "fastamp",
+    BenchCase("unscale_check_norm_", "fastamp unscale_check_norm_", "fastamp",
               lambda s: ops.unscale_check_norm_(s.grads, s.found_inf, s.inv_scale), 1, 1, restore=True),
     BenchCase("clipped-step", "stock unscale_ + clip_grad_norm_(foreach)", "stock", _stock_clipped_step, 3, 2,
               restore=True, baseline=True),
     BenchCase("clipped-step", "stock per-parameter loop (notebook)", "stock", _notebook_loop_step, 6, 2, restore=True),
     BenchCase("clipped-step", "fastamp grad_norm + clip_coef + scale_", "fastamp", _fastamp_clipped_step, 2, 1,
               restore=True),
-    BenchCase("update-scale", "stock _amp_update_scale_", "stock",
+    BenchCase("update_scale_", "stock _amp_update_scale_", "stock",
               lambda s: torch._amp_update_scale_(s.scale, s.growth_tracker, s.found_inf, 2.0, 0.5, 2000), baseline=True),
-    BenchCase("update-scale", "fastamp update_scale_", "fastamp",
+    BenchCase("update_scale_", "fastamp update_scale_", "fastamp",
               lambda s: ops.update_scale_(s.scale, s.growth_tracker, s.found_inf, 2.0, 0.5, 2000)),
     # AdamW reads param, grad, exp_avg, exp_avg_sq and writes three of them: 4R 3W on top of the clipped step.
     BenchCase("optimizer-step", "stock AdamW(foreach) + unscale_ + clip_grad_norm_", "stock",
@@ -338,7 +338,7 @@ def time_cases(cases: Sequence[BenchCase], state: BenchState, repeats: int, warm
                 value = time.perf_counter() - t0
             if i >= warmup:
                 record.append(value)
-            if case.op == "update-scale":
+            if case.op == "update_scale_":
                 state.reset_scale()
     if cuda:
         return [[s.elapsed_time(e) / 1e3 for s, e in record] for record in records]
@@ -422,7 +422,8 @@ def run_bench(
     """Time every case for each workload and dtype on ``device``; returns ``{"environment", "results"}``.
 
     Each result row: workload, dtype, op, impl, role, median/p20/p80 seconds, bytes moved, GB/s,
-    speedup over the group's stock baseline, and % of the copy bandwidth measured in the same group.
+    speedup over the group's stock baseline, % of the copy bandwidth measured in the same group, and
+    (for ops with a flat-buffer yardstick, e.g. ``sum`` for grad_norm) % of that yardstick's bandwidth.
     GPU-only workloads are left out on CPU.
     """
     workloads = list(workloads or [w for w in WORKLOADS if device == "cuda" or not WORKLOADS[w].gpu_only])
@@ -476,8 +477,13 @@ def run_bench(
             for op in dict.fromkeys(r["op"] for r in group_rows):
                 in_op = [r for r in group_rows if r["op"] == op]
                 base = next((r for r in in_op if r["baseline"]), None)
+                # The same passes over one flat buffer (sum for a norm, mul_ for an in-place op): how much of
+                # that bandwidth a multi-tensor op keeps on a list of many tensors.
+                flat = next((r for r in in_op if r["role"] == "reference" and r["impl"] != copy_case.impl), None)
                 for r in in_op:
                     r["speedup_vs_stock"] = base["median_s"] / r["median_s"] if base and r["role"] != "reference" else None
+                    r["pct_flat_bandwidth"] = (100.0 * r["gbps"] / flat["gbps"]
+                                               if flat and r["gbps"] and r["role"] != "reference" else None)
             rows.extend(group_rows)
             del state
             if device == "cuda":
@@ -492,8 +498,8 @@ def format_table(report: Dict[str, Any]) -> str:
         f"fastamp bench on {env['device']} ({env['device_name']}), {env['threads']} threads, torch {env['torch']}, "
         f"CUDA {env['cuda']}, fastamp {env['fastamp']}, commit {(env['git_commit'] or '?')[:12]}",
         "",
-        f"{'workload':10} {'dtype':5} {'op':15} {'case':50} {'median ms':>10} {'p20-p80 ms':>17} "
-        f"{'MB moved':>9} {'GB/s':>7} {'% copy':>7} {'vs stock':>9}",
+        f"{'workload':10} {'dtype':5} {'op':19} {'case':50} {'median ms':>10} {'p20-p80 ms':>17} "
+        f"{'MB moved':>9} {'GB/s':>7} {'% copy':>7} {'% flat':>7} {'vs stock':>9}",
     ]
     previous = None
     for r in report["results"]:
@@ -504,17 +510,19 @@ def format_table(report: Dict[str, Any]) -> str:
         spread = f"{r['p20_s'] * 1e3:.3f}-{r['p80_s'] * 1e3:.3f}"
         gbps = f"{r['gbps']:.1f}" if r["gbps"] else "-"
         pct = f"{r['pct_copy_bandwidth']:.0f}%" if r["pct_copy_bandwidth"] else "-"
+        pct_flat = f"{r['pct_flat_bandwidth']:.0f}%" if r.get("pct_flat_bandwidth") else "-"
         speed = f"{r['speedup_vs_stock']:.2f}x" if r["speedup_vs_stock"] else "-"
         moved = f"{r['bytes'] / 1e6:.0f}" if r["bytes"] else "-"
         lines.append(
-            f"{r['workload']:10} {r['dtype']:5} {r['op']:15} {r['impl'][:50]:50} {r['median_s'] * 1e3:10.3f} "
-            f"{spread:>17} {moved:>9} {gbps:>7} {pct:>7} {speed:>9}"
+            f"{r['workload']:10} {r['dtype']:5} {r['op']:19} {r['impl'][:50]:50} {r['median_s'] * 1e3:10.3f} "
+            f"{spread:>17} {moved:>9} {gbps:>7} {pct:>7} {pct_flat:>7} {speed:>9}"
         )
     return "\n".join(lines)
 
 
 CSV_FIELDS = ["workload", "dtype", "device", "op", "impl", "role", "baseline", "numel", "tensors", "repeats",
-              "median_s", "p20_s", "p80_s", "bytes", "gbps", "pct_copy_bandwidth", "speedup_vs_stock"]
+              "median_s", "p20_s", "p80_s", "bytes", "gbps", "pct_copy_bandwidth", "pct_flat_bandwidth",
+              "speedup_vs_stock"]
 
 
 def write_csv(report: Dict[str, Any], path: str) -> None:

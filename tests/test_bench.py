@@ -56,7 +56,7 @@ def test_cases_compute_what_they_claim():
 
 def test_run_bench_rows_and_speedups():
     report = bench.run_bench("cpu", workloads=["2000x4K"], dtypes=["fp32", "bf16"],
-                             ops_=["grad-norm", "clipped-step", "optimizer-step"], repeats=2, warmup=0)
+                             ops_=["grad_norm", "clipped-step", "optimizer-step"], repeats=2, warmup=0)
     env = report["environment"]
     for key in ["device_name", "cpu_model", "threads", "torch", "cuda", "fastamp", "git_commit"]:
         assert key in env
@@ -88,7 +88,7 @@ def test_run_bench_refuses_unknown_or_impossible_choices():
 
 def test_cli_bench_writes_json_and_csv(tmp_path, capsys):
     out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
-    assert main(["bench", "--workload", "2000x4K", "--dtype", "fp16", "--op", "unscale", "--repeats", "2",
+    assert main(["bench", "--workload", "2000x4K", "--dtype", "fp16", "--op", "unscale_check_", "--repeats", "2",
                  "--json", str(out_json), "--csv", str(out_csv)]) == 0
     printed = capsys.readouterr()
     assert "fastamp unscale_check_" in printed.out and "[1-4/4]" in printed.err  # progress on stderr
@@ -101,13 +101,13 @@ def test_cli_bench_writes_json_and_csv(tmp_path, capsys):
 
 def test_summarize_renders_both_formats(tmp_path):
     summarize = load_summarize()
-    report = bench.run_bench("cpu", workloads=["2000x4K"], dtypes=["fp32"], ops_=["grad-norm"], repeats=2, warmup=0)
+    report = bench.run_bench("cpu", workloads=["2000x4K"], dtypes=["fp32"], ops_=["grad_norm"], repeats=2, warmup=0)
     path = tmp_path / "fastamp.json"
     bench.write_json(report, str(path))
     text = summarize.render([str(path)])
     assert "fastamp grad_norm" in text and "% copy bw" in text
     matrix = summarize.render_speedup_matrix(report)
-    assert "grad-norm: fastamp grad_norm" in matrix and "2000x4K fp32" in matrix
+    assert "grad_norm: fastamp grad_norm" in matrix and "2000x4K fp32" in matrix
     pytest_json = {
         "machine_info": {"cpu": {"brand_raw": "X"}}, "commit_info": {"id": "abc"},
         "benchmarks": [

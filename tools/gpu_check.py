@@ -98,7 +98,7 @@ def _phases(python: str, out: Path) -> List[Phase]:
         # Block-shape variants of the CUDA kernels (the default is 256x3): each compiles its own build
         # into the cache, then times the norm and the clipped step; compare with the bench phase.
         Phase(f"blocks-{shape}", fastamp + ["bench", "--device", "cuda", "--workload", "gpt2-124M", "--workload",
-                                            "64M-offset1", "--op", "grad-norm", "--op", "clipped-step", "--dtype", "fp16",
+                                            "64M-offset1", "--op", "grad_norm", "--op", "clipped-step", "--dtype", "fp16",
                                             "--dtype", "fp32", "--json", str(out / f"fastamp-bench-cuda-blocks-{shape}.json")],
               100, env={"FASTAMP_CUDA_BLOCK_SHAPE": shape})
         for shape in BLOCK_SHAPE_VARIANTS

@@ -1,6 +1,5 @@
 // grad_norm (read-only) and unscale_check_norm_ (in place): the L2 norm of the unscaled gradients,
 // total and per tensor, with the non-finite check folded into the same pass.
-#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -15,43 +14,60 @@ namespace fastamp::cpu {
 
 namespace {
 
-// Sum of squares of g * inv_scale over one chunk.
-template <typename T>
-double sum_squares_chunk(const T* data, int64_t count, opmath_t<T> inv_scale) {
-  if constexpr (std::is_same_v<T, double>) {
-    return sum_squares_cascade<double>(count, [&](int64_t i, int) { return data[i] * inv_scale; });
-  } else {
-    return simd::dispatch_sum_squares(data, count, inv_scale);
-  }
-}
+// Sum of squares of g * inv_scale over each chunk; the finiteness check only where it is asked for.
+struct GradNormOp {
+  static constexpr bool kWrites = false;
+  static constexpr bool kReverse = false;
+  float inv_scale;
+  bool check;
 
-// Unscales one chunk in place and returns the sum of squares of the values as written (rounded to T);
-// sets *nonfinite when any original element was non-finite.
-template <typename T>
-double unscale_sum_squares_chunk(T* data, int64_t count, const Unscale<T>& unscale, bool* nonfinite) {
-  using A = opmath_t<T>;
-  if constexpr (std::is_same_v<T, double>) {
-    A probes[kLanes] = {};
-    const double sum = sum_squares_cascade<A>(count, [&](int64_t i, int lane) {
-      const T g = data[i];
-      probes[lane] += nonfinite_probe(static_cast<A>(g));
-      const T u = unscale(g);
-      data[i] = u;
-      return static_cast<A>(u);
-    });
-    *nonfinite = !is_finite_value(sum_lanes(probes));
-    return sum;
-  } else {
-    double sum = 0.0;
-    *nonfinite = simd::dispatch_unscale<T, true>(data, count, unscale.inv_scale, &sum);
-    return sum;
+  template <typename T>
+  ChunkResult run(T* data, int64_t count) const {
+    const opmath_t<T> inv = static_cast<opmath_t<T>>(inv_scale);
+    double sum;
+    if constexpr (std::is_same_v<T, double>) {
+      sum = sum_squares_cascade<double>(count, [&](int64_t i, int) { return data[i] * inv; });
+    } else {
+      sum = simd::dispatch_sum_squares(static_cast<const T*>(data), count, inv);
+    }
+    // A finite sum proves every element finite; only a non-finite one needs a closer look.
+    return {sum, check && !is_finite_value(sum) && chunk_has_nonfinite(data, count)};
   }
-}
+};
+
+// Unscales each chunk in place; the sum of squares is of the values as written (rounded to T).
+struct UnscaleCheckNormOp {
+  static constexpr bool kWrites = true;
+  static constexpr bool kReverse = false;
+  float inv_scale;
+
+  template <typename T>
+  ChunkResult run(T* data, int64_t count) const {
+    using A = opmath_t<T>;
+    if constexpr (std::is_same_v<T, double>) {
+      const Unscale<T> unscale{static_cast<A>(inv_scale)};
+      A probes[kLanes] = {};
+      const double sum = sum_squares_cascade<A>(count, [&](int64_t i, int lane) {
+        const T g = data[i];
+        probes[lane] += nonfinite_probe(static_cast<A>(g));
+        const T u = unscale(g);
+        data[i] = u;
+        return static_cast<A>(u);
+      });
+      return {sum, !is_finite_value(sum_lanes(probes))};
+    } else {
+      double sum = 0.0;
+      const bool nonfinite = simd::dispatch_unscale<T, true>(data, count, inv_scale, &sum);
+      return {sum, nonfinite};
+    }
+  }
+};
 
 // Second stage, in fixed order: per-tensor sums of the block partials, then their total.
-std::tuple<at::Tensor, at::Tensor> finish_norms(const FlatTensors& flat, const std::vector<double>& partials,
-                                                at::ScalarType out_dtype, bool per_tensor) {
-  const auto& plan = flat.plan;
+std::tuple<at::Tensor, at::Tensor> finish_norms(const MultiTensorResult& result, at::ScalarType out_dtype,
+                                                bool per_tensor) {
+  const auto& plan = result.plan;
+  const auto& partials = result.block_sums;
   const int64_t n = static_cast<int64_t>(plan.first_block.size());
   auto options = at::TensorOptions().dtype(out_dtype).device(at::kCPU);
   at::Tensor per_tensor_norms = at::empty({per_tensor ? n : 0}, options);
@@ -76,46 +92,16 @@ std::tuple<at::Tensor, at::Tensor> finish_norms(const FlatTensors& flat, const s
 std::tuple<at::Tensor, at::Tensor> grad_norm(at::TensorList grads, const std::optional<at::Tensor>& inv_scale,
                                              const std::optional<at::Tensor>& found_inf, bool per_tensor) {
   const float inv = inv_scale.has_value() ? inv_scale->item<float>() : 1.0f;
-  const bool check = found_inf.has_value();
-  FlatTensors flat(grads, kChunkSize, INT64_MAX, INT64_MAX);
-  std::vector<double> partials(flat.plan.total_blocks, 0.0);
-  std::atomic<bool> any_nonfinite{false};
-  parallel_for_each_chunk(flat, [&](int64_t t, int64_t first, int64_t count, int64_t block) {
-    const at::Tensor& g = flat.dense[t];
-    dispatch_grad_dtype(g.scalar_type(), [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      const T* data = static_cast<const T*>(g.data_ptr()) + first;
-      const auto sum = sum_squares_chunk(data, count, static_cast<opmath_t<T>>(inv));
-      partials[block] = sum;
-      // A finite sum proves every element finite; only a non-finite one needs a closer look.
-      if (check && !is_finite_value(sum) && chunk_has_nonfinite(data, count))
-        any_nonfinite.store(true, std::memory_order_relaxed);
-    });
-  });
-  if (any_nonfinite.load()) found_inf->fill_(1.0f);
-  return finish_norms(flat, partials, norm_dtype(grads), per_tensor);
+  const MultiTensorResult result = multi_tensor_apply(grads, GradNormOp{inv, found_inf.has_value()});
+  if (result.nonfinite) found_inf->fill_(1.0f);
+  return finish_norms(result, norm_dtype(grads), per_tensor);
 }
 
 std::tuple<at::Tensor, at::Tensor> unscale_check_norm_(at::TensorList grads, at::Tensor& found_inf,
                                                        const at::Tensor& inv_scale, bool per_tensor) {
-  const float inv = inv_scale.item<float>();
-  FlatTensors flat(grads, kChunkSize, INT64_MAX, INT64_MAX);
-  std::vector<double> partials(flat.plan.total_blocks, 0.0);
-  std::atomic<bool> any_nonfinite{false};
-  parallel_for_each_chunk(flat, [&](int64_t t, int64_t first, int64_t count, int64_t block) {
-    const at::Tensor& g = flat.dense[t];
-    dispatch_grad_dtype(g.scalar_type(), [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      const Unscale<T> unscale{static_cast<opmath_t<T>>(inv)};
-      bool nonfinite = false;
-      const auto sum = unscale_sum_squares_chunk(static_cast<T*>(g.data_ptr()) + first, count, unscale, &nonfinite);
-      partials[block] = sum;
-      if (nonfinite) any_nonfinite.store(true, std::memory_order_relaxed);
-    });
-  });
-  flat.write_back(grads);
-  if (any_nonfinite.load()) found_inf.fill_(1.0f);
-  return finish_norms(flat, partials, norm_dtype(grads), per_tensor);
+  const MultiTensorResult result = multi_tensor_apply(grads, UnscaleCheckNormOp{inv_scale.item<float>()});
+  if (result.nonfinite) found_inf.fill_(1.0f);
+  return finish_norms(result, norm_dtype(grads), per_tensor);
 }
 
 }  // namespace fastamp::cpu

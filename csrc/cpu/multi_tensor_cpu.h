@@ -25,31 +25,6 @@ constexpr int64_t kChunkSize = 65536;
 // keeps a fixed summation order.
 constexpr int kLanes = 16;
 
-// Calls f(tensor_index, first_element, element_count, global_block) for every chunk, in parallel.
-// With reverse, each thread walks its range of chunks backwards: an op that follows a full pass over
-// the same tensors (scale_ after grad_norm) then starts on the chunks still in the last-level cache.
-template <typename F>
-void parallel_for_each_chunk(const FlatTensors& flat, const F& f, bool reverse = false) {
-  if (flat.plan.launches.empty()) return;
-  const Launch& launch = flat.plan.launches.front();
-  const int64_t blocks = static_cast<int64_t>(launch.block_slot.size());
-  auto body = [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t b = reverse ? begin + end - 1 - k : k;
-      const int64_t tensor = launch.tensors[launch.block_slot[b]];
-      const int64_t first = launch.block_chunk[b] * flat.plan.chunk_size;
-      const int64_t count = std::min(flat.plan.chunk_size, flat.dense[tensor].numel() - first);
-      f(tensor, first, count, launch.first_block + b);
-    }
-  };
-  // A single chunk is not worth waking the thread pool for.
-  if (blocks == 1) {
-    body(0, 1);
-  } else {
-    at::parallel_for(0, blocks, 1, body);
-  }
-}
-
 // Runs f(T* tag) with the C++ element type of a gradient dtype.
 template <typename F>
 void dispatch_grad_dtype(at::ScalarType dtype, const F& f) {
@@ -60,6 +35,73 @@ void dispatch_grad_dtype(at::ScalarType dtype, const F& f) {
     case at::kDouble: f(static_cast<double*>(nullptr)); break;
     default: TORCH_CHECK(false, "fastamp: unsupported dtype ", c10::toString(dtype));
   }
+}
+
+// What an op's run<T> reports about one chunk.
+struct ChunkResult {
+  double sum_squares = 0.0;  // the chunk's partial of a norm (ops that reduce)
+  bool nonfinite = false;    // the chunk held inf or nan
+};
+
+// What a multi_tensor_apply gathered: per-block partials, in block (list) order, and the flag.
+struct MultiTensorResult {
+  MultiTensorPlan plan;
+  std::vector<double> block_sums;
+  bool nonfinite = false;
+};
+
+// Below this many elements the thread pool costs more than it saves.
+constexpr int64_t kMinParallelElements = 2 * kChunkSize;
+
+// The CPU multi-tensor harness: plans `tensors` into chunks, dispatches each chunk's dtype and calls
+// `op.template run<T>(data, count)` on it (data points at the chunk's first element), in parallel.
+// An Op declares
+//   static constexpr bool kWrites;   // it writes the tensors (strided ones are copied back afterwards)
+//   static constexpr bool kReverse;  // chunks are claimed last to first
+//   template <typename T> ChunkResult run(T* data, int64_t count) const;
+// Threads claim chunks one at a time from a shared counter, so a list mixing 64K-element chunks with
+// hundreds of tiny tensors keeps every thread busy to the end (a split by chunk count does not: a tiny
+// tensor is one "chunk" of almost no work). Results land in their block's slot, so reductions do not
+// depend on which thread ran what. kReverse serves ops that follow a full pass over the same tensors
+// (scale_ after grad_norm): they start on the chunks still in the last-level cache.
+template <typename Op>
+MultiTensorResult multi_tensor_apply(at::TensorList tensors, const Op& op) {
+  FlatTensors flat(tensors, kChunkSize, INT64_MAX, INT64_MAX);
+  MultiTensorResult result;
+  result.block_sums.assign(flat.plan.total_blocks, 0.0);
+  if (!flat.plan.launches.empty()) {
+    const Launch& launch = flat.plan.launches.front();
+    const int64_t blocks = static_cast<int64_t>(launch.block_slot.size());
+    int64_t elements = 0;
+    for (const at::Tensor& t : flat.dense) elements += t.numel();
+    std::atomic<int64_t> next{0};
+    std::atomic<bool> nonfinite{false};
+    auto claim_and_run = [&](int64_t, int64_t) {
+      for (int64_t k = next.fetch_add(1, std::memory_order_relaxed); k < blocks;
+           k = next.fetch_add(1, std::memory_order_relaxed)) {
+        const int64_t b = Op::kReverse ? blocks - 1 - k : k;
+        const at::Tensor& t = flat.dense[launch.tensors[launch.block_slot[b]]];
+        const int64_t first = launch.block_chunk[b] * flat.plan.chunk_size;
+        const int64_t count = std::min(flat.plan.chunk_size, t.numel() - first);
+        dispatch_grad_dtype(t.scalar_type(), [&](auto* tag) {
+          using T = std::remove_pointer_t<decltype(tag)>;
+          const ChunkResult r = op.template run<T>(static_cast<T*>(t.data_ptr()) + first, count);
+          result.block_sums[launch.first_block + b] = r.sum_squares;
+          if (r.nonfinite) nonfinite.store(true, std::memory_order_relaxed);
+        });
+      }
+    };
+    const int64_t threads = at::get_num_threads();
+    if (blocks == 1 || threads == 1 || elements < kMinParallelElements || at::in_parallel_region()) {
+      claim_and_run(0, 1);
+    } else {
+      at::parallel_for(0, std::min(threads, blocks), 1, claim_and_run);
+    }
+    result.nonfinite = nonfinite.load();
+  }
+  if constexpr (Op::kWrites) flat.write_back(tensors);
+  result.plan = std::move(flat.plan);
+  return result;
 }
 
 template <typename A>

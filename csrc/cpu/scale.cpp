@@ -8,33 +8,28 @@ namespace fastamp::cpu {
 
 namespace {
 
-template <typename T>
-void scale_chunk(T* data, int64_t count, const Scale<T>& scale) {
-  if constexpr (!std::is_same_v<T, double>) {
-    simd::dispatch_scale(data, count, scale.factor);
-  } else {
-    for (int64_t i = 0; i < count; ++i) data[i] = scale(data[i]);
+struct ScaleOp {
+  static constexpr bool kWrites = true;
+  static constexpr bool kReverse = true;  // follows the norm pass over the same tensors
+  double factor;
+
+  template <typename T>
+  ChunkResult run(T* data, int64_t count) const {
+    const Scale<T> scale{static_cast<opmath_t<T>>(factor)};
+    if constexpr (!std::is_same_v<T, double>) {
+      simd::dispatch_scale(data, count, scale.factor);
+    } else {
+      for (int64_t i = 0; i < count; ++i) data[i] = scale(data[i]);
+    }
+    return {};
   }
-}
+};
 
 }  // namespace
 
 void scale_(at::TensorList tensors, const at::Tensor& factor, const std::optional<at::Tensor>& found_inf) {
   if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;
-  const double f = factor.item<double>();
-  FlatTensors flat(tensors, kChunkSize, INT64_MAX, INT64_MAX);
-  parallel_for_each_chunk(
-      flat,
-      [&](int64_t t, int64_t first, int64_t count, int64_t) {
-        const at::Tensor& x = flat.dense[t];
-        dispatch_grad_dtype(x.scalar_type(), [&](auto* tag) {
-          using T = std::remove_pointer_t<decltype(tag)>;
-          const Scale<T> scale{static_cast<opmath_t<T>>(f)};
-          scale_chunk(static_cast<T*>(x.data_ptr()) + first, count, scale);
-        });
-      },
-      /*reverse=*/true);
-  flat.write_back(tensors);
+  multi_tensor_apply(tensors, ScaleOp{factor.item<double>()});
 }
 
 }  // namespace fastamp::cpu

@@ -69,8 +69,10 @@ void unscale_check_op(at::TensorList grads, at::Tensor& found_inf, const at::Ten
 std::tuple<at::Tensor, at::Tensor> grad_norm_op(at::TensorList grads, const std::optional<at::Tensor>& inv_scale,
                                                 const std::optional<at::Tensor>& found_inf, bool per_tensor) {
   validate_grad_norm("grad_norm", grads, inv_scale, found_inf);
-  const at::Device device = grads[0].device();
+  const at::Device device = grads.empty() ? (inv_scale.has_value() ? inv_scale->device() : found_inf->device())
+                                          : grads[0].device();
   const c10::cuda::CUDAGuard guard(device);
+  if (grads.empty()) return zero_norms(device);
   Prepared prepared(grads);
   return norms(prepared, device, per_tensor, [&](float* partials) {
     launch_sum_squares(prepared.tensors, prepared.flat.plan, optional_float_ptr(inv_scale),
@@ -83,6 +85,7 @@ std::tuple<at::Tensor, at::Tensor> unscale_check_norm_op(at::TensorList grads, a
   validate_unscale_check("unscale_check_norm_", grads, found_inf, inv_scale);
   const at::Device device = found_inf.device();
   const c10::cuda::CUDAGuard guard(device);
+  if (grads.empty()) return zero_norms(device);
   Prepared prepared(grads);
   auto result = norms(prepared, device, per_tensor, [&](float* partials) {
     launch_unscale_sum_squares(prepared.tensors, prepared.flat.plan, float_ptr(found_inf), float_ptr(inv_scale),

@@ -1,4 +1,4 @@
-// The scalar ops on CUDA, one thread each: the math is csrc/functors.h, shared with the CPU, so the
+// update_scale_ on CUDA, one thread: the math is csrc/functors.h, shared with the CPU, so the
 // device-side loss-scale update is bit-identical to the CPU's (and to torch._amp_update_scale_).
 #include "multi_tensor_apply.cuh"
 
@@ -6,25 +6,9 @@ namespace fastamp::cuda {
 
 namespace {
 
-template <typename A>
-__global__ void clip_coef_kernel(const A* total_norm, A* coef, double max_norm, double eps) {
-  *coef = clip_coefficient<A>(*total_norm, max_norm, eps);
-}
-
 __global__ void update_scale_kernel(const ScaleUpdate update) { update_scale_step(update); }
 
 }  // namespace
-
-void launch_clip_coef(const void* total_norm, void* coef, bool fp64, double max_norm, double eps, cudaStream_t stream) {
-  if (fp64) {
-    clip_coef_kernel<double>
-        <<<1, 1, 0, stream>>>(static_cast<const double*>(total_norm), static_cast<double*>(coef), max_norm, eps);
-  } else {
-    clip_coef_kernel<float>
-        <<<1, 1, 0, stream>>>(static_cast<const float*>(total_norm), static_cast<float*>(coef), max_norm, eps);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
 
 void launch_update_scale(const ScaleUpdate& update, cudaStream_t stream) {
   update_scale_kernel<<<1, 1, 0, stream>>>(update);

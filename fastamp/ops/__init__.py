@@ -7,20 +7,27 @@ handled correctly, at the cost of a copy). Scalars such as the scale, inverse sc
 are 1-element fp32 tensors on the gradients' device, never Python numbers, so nothing forces a host
 sync. ``found_inf`` is only ever set to 1, never cleared, so one flag can gather several groups.
 
-Where each op lives (schemas: ``_library.SCHEMAS``; reference: ``_reference.<op>``; CPU registration:
-``csrc/cpu/ops.cpp``; CUDA registration: ``csrc/cuda/ops.cpp``; CPU tests: ``tests/test_ops.py``, test
-names start with the op; ``fastamp check`` runs them all on a user's machine):
+Where each op lives. Schemas: ``_library.SCHEMAS``; reference: ``_reference.<op>``; CPU and CUDA
+registration (validation, then the kernel): ``csrc/cpu/ops.cpp``, ``csrc/cuda/ops.cpp``; the per-element
+math both kernels share: ``csrc/functors.h``. Each multi-tensor op is one chunk functor run by one
+harness per device (``multi_tensor_apply`` in ``csrc/cpu/multi_tensor_cpu.h`` and
+``csrc/cuda/multi_tensor_apply.cuh``), named after the op on both. Tests: ``tests/test_ops.py``
+(every device and implementation; test names start with the op), ``tests/test_library.py`` (schemas,
+opcheck); the bench key is the op's name (``fastamp bench --op grad_norm``):
 
-=====================  ==========================  ====================================  ============
-op                     CPU kernel (csrc/cpu/)      CUDA kernel (csrc/cuda/, functor)     bench key
-=====================  ==========================  ====================================  ============
-unscale_check_         unscale_check.cpp           unscale_check.cu, UnscaleCheckOp      unscale
-grad_norm              grad_norm.cpp               grad_norm.cu, GradNormOp              grad-norm
-unscale_check_norm_    grad_norm.cpp               grad_norm.cu, UnscaleCheckNormOp      unscale-norm
-clip_coef              update_scale.cpp            update_scale.cu                       clipped-step
-scale_                 scale.cpp                   scale.cu, ScaleOp                     clipped-step
-update_scale_          update_scale.cpp            update_scale.cu                       update-scale
-=====================  ==========================  ====================================  ============
+=====================  ==========================================  ==================================
+op                     CPU kernel (csrc/cpu/), functor             CUDA kernel (csrc/cuda/), functor
+=====================  ==========================================  ==================================
+unscale_check_         unscale_check.cpp, UnscaleCheckOp           unscale_check.cu, UnscaleCheckOp
+grad_norm              grad_norm.cpp, GradNormOp                   grad_norm.cu, GradNormOp
+unscale_check_norm_    grad_norm.cpp, UnscaleCheckNormOp           grad_norm.cu, UnscaleCheckNormOp
+clip_coef              clip_coef.cpp (scalar)                      clip_coef.cu (scalar)
+scale_                 scale.cpp, ScaleOp                          scale.cu, ScaleOp
+update_scale_          update_scale.cpp, ``ScaleUpdate``           update_scale.cu, ``ScaleUpdate``
+=====================  ==========================================  ==================================
+
+Composite benchmarks: ``clipped-step`` (grad_norm + clip_coef + scale_ against unscale_ +
+clip_grad_norm_) and ``optimizer-step`` (the whole step with AdamW).
 
 CUDA-only tests (graphs, sync debug, >2**31 elements, misaligned views, launches) are in ``tests/cuda``.
 """
@@ -54,11 +61,6 @@ __all__ = [
 ]
 
 _ops = torch.ops.fastamp
-
-
-def _empty_norms(device: torch.device, per_tensor: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    return total, (torch.zeros((0,), dtype=torch.float32, device=device) if per_tensor else None)
 
 
 def unscale_check_(grads: Sequence[Tensor], found_inf: Tensor, inv_scale: Tensor) -> None:
@@ -97,9 +99,6 @@ def grad_norm(
         Accumulation is fp32 per 64K-element chunk and fp64 across chunks, in a fixed order, so the
         result is bit-identical from run to run.
     """
-    if not grads:
-        device = inv_scale.device if inv_scale is not None else found_inf.device if found_inf is not None else "cpu"
-        return _empty_norms(torch.device(device), per_tensor)
     total, per = _ops.grad_norm(list(grads), inv_scale, found_inf, per_tensor)
     return total, (per if per_tensor else None)
 

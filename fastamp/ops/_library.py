@@ -47,11 +47,18 @@ for _schema in SCHEMAS.values():
     LIBRARY.define(_schema)
 
 
-def _norm_outputs(grads: List[Tensor], per_tensor: bool) -> Tuple[Tensor, Tensor]:
+# grad_norm([], None, None) names no device, so the dispatcher finds no backend key: this kernel answers
+# it (zero on CPU, as torch.linalg.vector_norm of an empty tensor). Backend kernels take every other call.
+LIBRARY.impl("grad_norm", ref.grad_norm, "CompositeExplicitAutograd")
+
+
+def _norm_outputs(grads: List[Tensor], per_tensor: bool, scalars: Tuple[Optional[Tensor], ...]) -> Tuple[Tensor, Tensor]:
+    """Outputs shaped as the kernels return them; an empty list's are on its first scalar's device."""
+    like = next((t for t in (*grads[:1], *scalars) if t is not None), None)
+    if like is None:
+        like = torch.empty(())
     dtype = norm_dtype(grads)
-    total = grads[0].new_empty((), dtype=dtype)
-    per = grads[0].new_empty((len(grads) if per_tensor else 0,), dtype=dtype)
-    return total, per
+    return like.new_empty((), dtype=dtype), like.new_empty((len(grads) if per_tensor else 0,), dtype=dtype)
 
 
 @torch.library.register_fake("fastamp::unscale_check_")
@@ -64,7 +71,7 @@ def _grad_norm_fake(
     grads: List[Tensor], inv_scale: Optional[Tensor], found_inf: Optional[Tensor], per_tensor: bool
 ) -> Tuple[Tensor, Tensor]:
     ref.validate_grad_norm(grads, inv_scale, found_inf)
-    return _norm_outputs(grads, per_tensor)
+    return _norm_outputs(grads, per_tensor, (inv_scale, found_inf))
 
 
 @torch.library.register_fake("fastamp::unscale_check_norm_")
@@ -72,10 +79,7 @@ def _unscale_check_norm_fake(
     grads: List[Tensor], found_inf: Tensor, inv_scale: Tensor, per_tensor: bool
 ) -> Tuple[Tensor, Tensor]:
     ref.validate_unscale_check("unscale_check_norm_", grads, found_inf, inv_scale, written=False)
-    if not grads:
-        total = found_inf.new_empty((), dtype=torch.float32)
-        return total, found_inf.new_empty((0,), dtype=torch.float32)
-    return _norm_outputs(grads, per_tensor)
+    return _norm_outputs(grads, per_tensor, (found_inf,))
 
 
 @torch.library.register_fake("fastamp::clip_coef")

@@ -111,11 +111,17 @@ def validate_unscale_check(
     _check_tensor_list(op, "grads", grads, device, written)
 
 
+def _grad_norm_device(grads: Sequence[Tensor], inv_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> torch.device:
+    """Where grad_norm runs: on the grads, or for an empty list where its scalars are (CPU without any)."""
+    for t in (*grads[:1], inv_scale, found_inf):
+        if t is not None:
+            return t.device
+    return torch.device("cpu")
+
+
 def validate_grad_norm(grads: Sequence[Tensor], inv_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
     op = "grad_norm"
-    if not grads:
-        _fail(op, "grads is empty (the Python wrapper handles empty lists)")
-    device = grads[0].device
+    device = _grad_norm_device(grads, inv_scale, found_inf)
     _check_tensor_list(op, "grads", grads, device, written=False)
     if inv_scale is not None:
         _check_scalar(op, "inv_scale", inv_scale, device, False)
@@ -216,7 +222,7 @@ def grad_norm(
 ) -> Tuple[Tensor, Tensor]:
     """Reference for :func:`fastamp.ops.grad_norm` (per-tensor norms: an empty tensor unless asked)."""
     validate_grad_norm(grads, inv_scale, found_inf)
-    device = grads[0].device
+    device = _grad_norm_device(grads, inv_scale, found_inf)
     if found_inf is not None:
         _set_found_inf(found_inf, _any_nonfinite(grads))
     values = [g if inv_scale is None else g.to(_opmath(g.dtype)) * inv_scale.reshape(()).to(_opmath(g.dtype)) for g in grads]
