@@ -69,12 +69,16 @@ def stock_amp_loop(
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         scaler.step(optimizer)
-        flags = list(scaler._found_inf_per_device(optimizer).values()) if scaler.is_enabled() else []
+        # Read before update() replaces it. torch's scaler has no sync-free public accessor for its scale
+        # tensor (get_scale() reads it to the host), so the stock loop's is read where torch keeps it.
+        scale = scaler._scale.clone() if scaler.is_enabled() else torch.ones((), device=device)
         scaler.update()
         optimizer_time = timer.stop(phase)
-        history.record(loss=loss.detach().float(), grad_norm=norm.detach().float(),
-                       scale=scaler._scale.clone() if scaler.is_enabled() else torch.ones((), device=device),
-                       found_inf=sum(flags) if flags else torch.zeros((), device=device), step_time=timer.stop(start),
+        # The norm of the unscaled grads is non-finite exactly when a gradient was (or the sum overflowed,
+        # which the stock scaler does not skip: then the flag says so where the scaler did not).
+        found_inf = (~torch.isfinite(norm.detach())).float()
+        history.record(loss=loss.detach().float(), grad_norm=norm.detach().float(), scale=scale,
+                       found_inf=found_inf, step_time=timer.stop(start),
                        optimizer_time=optimizer_time, memory=memory_mb(device), tokens=batch["input_ids"].numel())
     return training_statistics(history.read())
 

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Tuple, Union
+from typing import Dict, Iterable, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -110,10 +110,11 @@ class ShardedGradScaler(GradScaler):
                          min_scale=min_scale, max_scale=max_scale)
         self.process_group = process_group if process_group is not None else dist.group.WORLD
 
-    def _synced(self, flags: dict) -> dict:
-        """One all-reduce of this optimizer's found_inf (all devices folded into one flag)."""
-        assert self._scale is not None
-        home = self._scale.device
+    def reduce_found_inf(self, found_inf_per_device: Dict[torch.device, Tensor]) -> Dict[torch.device, Tensor]:
+        """One all-reduce of this optimizer's found_inf (all devices folded into one flag), so that every
+        rank skips the step when any rank overflowed."""
+        home = self.get_scale_tensor().device
+        flags = found_inf_per_device
         if flags:
             local = torch.stack([f.to(home, non_blocking=True).reshape(()) for f in flags.values()]).amax()
         else:
@@ -122,17 +123,6 @@ class ShardedGradScaler(GradScaler):
         if not flags:
             return {home: local}
         return {d: (local if d == home else local.to(d, non_blocking=True)) for d in flags}
-
-    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
-        super().unscale_(optimizer)
-        if self._enabled:
-            state = self._per_optimizer_states[id(optimizer)]
-            state["found_inf_per_device"] = self._synced(state["found_inf_per_device"])
-
-    def _check_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict:
-        flags = self._synced(super()._check_inf_per_device(optimizer))
-        self._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = flags
-        return flags
 
     def reduce_norm_and_found_inf(self, total_norm: Tensor, found_inf: Tensor) -> Tuple[Tensor, Tensor]:
         return reduce_norm_and_found_inf(total_norm, found_inf, self.process_group)

@@ -131,6 +131,7 @@ class GradScaler(torch.amp.GradScaler):
             for device, grads in grads_by_device(optimizer).items():
                 flags[device] = per_device_found_inf.get(device)
                 norm_and_check(grads, None, flags[device])
+        flags = self.reduce_found_inf(flags)
         self._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = flags
         return flags
 
@@ -164,8 +165,8 @@ class GradScaler(torch.amp.GradScaler):
             raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
         if optimizer_state["stage"] is OptState.STEPPED:
             raise RuntimeError("unscale_() is being called after step().")
-        optimizer_state["found_inf_per_device"] = self._unscale_grads_(
-            optimizer, self._inv_scale(), self._new_found_inf(), True
+        optimizer_state["found_inf_per_device"] = self.reduce_found_inf(
+            self._unscale_grads_(optimizer, self._inv_scale(), self._new_found_inf(), True)
         )
         optimizer_state["stage"] = OptState.UNSCALED
 
@@ -463,6 +464,12 @@ class GradScaler(torch.amp.GradScaler):
     # Whether an optimizer without gradients still gets a (zero) inf check: ranks of a sharded job must
     # all take part in the collectives, gradients or not. PyTorch's single-process scaler records none.
     _record_checks_without_grads = False
+
+    def reduce_found_inf(self, found_inf_per_device: Dict[torch.device, Tensor]) -> Dict[torch.device, Tensor]:
+        """Where one optimizer's local found_inf flags (by device) become global, after ``unscale_`` and
+        the check for fused optimizers: as they are in a single process; the sharded scaler all-reduces
+        them so that every rank skips together."""
+        return found_inf_per_device
 
     def reduce_norm_and_found_inf(self, total_norm: Tensor, found_inf: Tensor) -> Tuple[Tensor, Tensor]:
         """Where a local norm and found_inf become global: as they are in a single process; the sharded

@@ -40,19 +40,44 @@ def _reference_ops() -> types.SimpleNamespace:
 
 
 IMPLEMENTATIONS = {"kernel": ops, "reference": _reference_ops()}
+DEVICES = ["cpu", "cuda"]
+# What `make test` promises was built, per dispatch key: a kernel test must then run, not skip.
+_EXPECTED = {"CPU": "FASTAMP_EXPECT_EXTENSION", "CUDA": "FASTAMP_EXPECT_CUDA_KERNELS"}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """The device an op test runs on: every test taking it runs on CPU and, where a GPU is, on CUDA."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU")
+    return request.param
+
+
+def _require_kernels(device: str) -> None:
+    """Where no kernel is registered for `device`, a kernel test would compare the reference with itself:
+    skip it, saying why, or fail when the build promised kernels (set by make)."""
+    key = device.upper()
+    info = fastamp.build_info()
+    if key in info["reference_fallback"]:
+        reason = f"no compiled {key} kernels: {info['extension_error'] or 'built without them'}"
+        if os.environ.get(_EXPECTED[key]) == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
 
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))
-def impl(request):
-    """The op namespace under test: 'kernel' (torch.ops.fastamp, C++ on CPU) or 'reference'. Where no
-    CPU kernels are registered, 'kernel' would be the reference compared with itself: it is skipped,
-    saying why, or fails when the build promised kernels (FASTAMP_EXPECT_EXTENSION=1, set by make)."""
-    if request.param == "kernel" and "CPU" in fastamp.build_info()["reference_fallback"]:
-        reason = f"no compiled CPU kernels: {fastamp.build_info()['extension_error']}"
-        if os.environ.get("FASTAMP_EXPECT_EXTENSION") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+def impl(request, device):
+    """The op namespace under test: 'kernel' (torch.ops.fastamp: C++ on CPU, CUDA on GPU) or 'reference'."""
+    if request.param == "kernel":
+        _require_kernels(device)
     return IMPLEMENTATIONS[request.param]
+
+
+@pytest.fixture
+def kernels(device):
+    """The compiled kernels on `device` (for tests that compare them with the reference directly)."""
+    _require_kernels(device)
+    return ops
 
 
 @pytest.fixture(autouse=True)

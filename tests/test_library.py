@@ -1,4 +1,4 @@
-"""The operator library itself: schemas and fake kernels (opcheck), torch.compile, build facts."""
+"""The operator library itself: schemas and fake kernels (opcheck on every device), torch.compile, build facts."""
 
 from __future__ import annotations
 
@@ -14,36 +14,41 @@ import fastamp
 from fastamp import ops
 
 
-def _grads():
-    return [torch.randn(70000), torch.randn(3, 5).to(torch.float16), torch.randn(0), torch.randn(9).to(torch.bfloat16)]
+def _grads(device):
+    return [torch.randn(70000, device=device), torch.randn(3, 5, device=device).half(), torch.randn(0, device=device),
+            torch.randn(9, device=device).bfloat16()]
+
+
+def _one(device, value=0.0, dtype=torch.float32):
+    return torch.full((1,), value, dtype=dtype, device=device)
 
 
 OPCHECK_CASES = {
-    "unscale_check_": lambda: (_grads(), torch.zeros(1), torch.tensor([0.5])),
-    "grad_norm": lambda: (_grads(), torch.tensor([0.5]), torch.zeros(1), True),
-    "grad_norm_no_optionals": lambda: (_grads(), None, None, False),
-    "unscale_check_norm_": lambda: (_grads(), torch.zeros(1), torch.tensor([0.5]), True),
-    "clip_coef": lambda: (torch.tensor(3.0), 1.0, 1e-6),
-    "scale_": lambda: (_grads(), torch.tensor([0.5]), torch.zeros(1)),
-    "update_scale_": lambda: (
-        torch.tensor([1024.0]),
-        torch.zeros(1, dtype=torch.int32),
-        torch.ones(1),
-        2.0,
-        0.5,
-        3,
-        2,
-        torch.full((1,), 2, dtype=torch.int32),
-        1.0,
-        65536.0,
-    ),
+    "unscale_check_": lambda d: (_grads(d), _one(d), _one(d, 0.5)),
+    "grad_norm": lambda d: (_grads(d), _one(d, 0.5), _one(d), True),
+    "grad_norm:no-optionals": lambda d: (_grads(d), None, None, False),
+    "grad_norm:empty": lambda d: ([], _one(d, 0.5), _one(d), True),
+    "unscale_check_norm_": lambda d: (_grads(d), _one(d), _one(d, 0.5), True),
+    "unscale_check_norm_:empty": lambda d: ([], _one(d), _one(d, 0.5), False),
+    "clip_coef": lambda d: (torch.tensor(3.0, device=d), 1.0, 1e-6),
+    "scale_": lambda d: (_grads(d), _one(d, 0.5), _one(d)),
+    "update_scale_": lambda d: (_one(d, 1024.0), _one(d, 0, torch.int32), _one(d, 1.0), 2.0, 0.5, 3, 2,
+                                _one(d, 2, torch.int32), 1.0, 65536.0),
 }
 
 
 @pytest.mark.parametrize("case", sorted(OPCHECK_CASES))
-def test_opcheck(case):
-    op = getattr(torch.ops.fastamp, case.replace("_no_optionals", "")).default
-    torch.library.opcheck(op, OPCHECK_CASES[case]())
+def test_opcheck(case, device):
+    """Schemas, fake kernels and the kernels registered on `device` agree (mutations, aliasing, shapes)."""
+    op = getattr(torch.ops.fastamp, case.split(":")[0]).default
+    torch.library.opcheck(op, OPCHECK_CASES[case](device))
+
+
+def test_grad_norm_of_an_empty_list_naming_no_device_runs_anywhere():
+    # No tensor names a device: the CompositeExplicitAutograd kernel answers, on CPU, like the wrapper.
+    total, per = torch.ops.fastamp.grad_norm([], None, None, True)
+    assert total.item() == 0.0 and per.shape == (0,) and total.device.type == "cpu"
+    torch.library.opcheck(torch.ops.fastamp.grad_norm.default, ([], None, None, False))
 
 
 def clipped_step(grads, scale, growth_tracker, found_inf):

@@ -1,4 +1,6 @@
-"""The fused ops on CPU: C++ kernels and reference, against PyTorch's own ops and hand-computed values."""
+"""The fused ops on every device (cpu; cuda where a GPU is) and in both implementations (the compiled
+kernels and the pure-PyTorch reference), against PyTorch's own ops and hand-computed values. What only
+CUDA has (graphs, sync debug mode, streams, >2**31 elements, launch splitting) is in tests/cuda."""
 
 from __future__ import annotations
 
@@ -21,7 +23,23 @@ from .conftest import IMPLEMENTATIONS
 SIZES = [0, 1, 15, 16, 17, 65535, 65536, 65537, 131073]
 GRAD_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
-NORM_RTOL = {torch.float32: 2e-6, torch.float16: 2e-6, torch.bfloat16: 2e-6, torch.float64: 1e-12}
+# Relative error of a norm against the fp64 oracle: fp32 sums per 64K chunk on CPU (cascaded in
+# 1K-element sub-blocks), per block on CUDA, then fp64 across chunks; fp64 all the way for fp64 grads.
+NORM_RTOL = {"cpu": 2e-6, "cuda": 5e-6}
+
+
+def norm_rtol(dtype: torch.dtype, device: str) -> float:
+    return 1e-12 if dtype == torch.float64 else NORM_RTOL[torch.device(device).type]
+
+
+def supported(dtype: torch.dtype, device: str) -> bool:
+    """fp64 gradients are a CPU-only feature of the kernels (and of the reference, which mirrors them)."""
+    return dtype in ops.kernel_dtypes(device)
+
+
+def skip_unless_supported(dtype: torch.dtype, device: str) -> None:
+    if not supported(dtype, device):
+        pytest.skip(f"{dtype} is not taken on {device}")
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -43,8 +61,9 @@ def opmath(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def make_grads(sizes, dtype=torch.float32, magnitude=100.0):
-    return [(torch.randn(n, dtype=torch.float64) * magnitude).to(dtype) for n in sizes]
+def make_grads(sizes, dtype=torch.float32, magnitude=100.0, device="cpu"):
+    """Normal values drawn on the CPU (the same on every device), then moved."""
+    return [(torch.randn(n, dtype=torch.float64) * magnitude).to(device=device, dtype=dtype) for n in sizes]
 
 
 def unscaled_by_hand(g, inv):
@@ -59,19 +78,19 @@ def clone_all(tensors):
     return [t.clone() for t in tensors]
 
 
-def flags():
-    return torch.zeros(1), torch.zeros(1)
+def flags(device="cpu"):
+    return torch.zeros(1, device=device), torch.zeros(1, device=device)
 
 
 # ---- unscale_check_ ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("inv", [1 / 1024, 1.0, 3.0 / 7.0, 65536.0])
-def test_unscale_check_matches_torch_bitwise_fp32(impl, inv):
-    grads = make_grads(SIZES)
+def test_unscale_check_matches_torch_bitwise_fp32(impl, inv, device):
+    grads = make_grads(SIZES, device=device)
     ours, theirs = clone_all(grads), clone_all(grads)
-    found, found_torch = flags()
-    inv_scale = torch.full((1,), inv)
+    found, found_torch = flags(device)
+    inv_scale = torch.full((1,), inv, device=device)
     impl.unscale_check_(ours, found, inv_scale)
     torch._amp_foreach_non_finite_check_and_unscale_(theirs, found_torch, inv_scale)
     assert_bitwise_equal(ours, theirs)
@@ -79,63 +98,64 @@ def test_unscale_check_matches_torch_bitwise_fp32(impl, inv):
 
 
 @pytest.mark.parametrize("dtype", GRAD_DTYPES)
-def test_unscale_check_rounds_once_in_fp32(impl, dtype):
-    grads = make_grads(SIZES, dtype)
+def test_unscale_check_rounds_once_in_fp32(impl, dtype, device):
+    skip_unless_supported(dtype, device)
+    grads = make_grads(SIZES, dtype, device=device)
     ours = clone_all(grads)
-    found, _ = flags()
+    found, _ = flags(device)
     inv = 1 / 3.0
-    impl.unscale_check_(ours, found, torch.tensor([inv]))
+    impl.unscale_check_(ours, found, torch.tensor([inv], device=device))
     assert_bitwise_equal(ours, [unscaled_by_hand(g, inv) for g in grads])
     assert found.item() == 0.0
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("where", ["first-of-first", "last-of-first", "first-of-last", "last-of-last"])
-def test_unscale_check_flags_nonfinite_anywhere(impl, value, where):
-    grads = make_grads([65537, 3, 65536])
+def test_unscale_check_flags_nonfinite_anywhere(impl, value, where, device):
+    grads = make_grads([65537, 3, 65536], device=device)
     tensor = grads[0] if where.endswith("first") else grads[-1]
     tensor[0 if where.startswith("first") else -1] = value
     ours, theirs = clone_all(grads), clone_all(grads)
-    found, found_torch = flags()
-    impl.unscale_check_(ours, found, torch.tensor([0.25]))
-    torch._amp_foreach_non_finite_check_and_unscale_(theirs, found_torch, torch.tensor([0.25]))
+    found, found_torch = flags(device)
+    impl.unscale_check_(ours, found, torch.tensor([0.25], device=device))
+    torch._amp_foreach_non_finite_check_and_unscale_(theirs, found_torch, torch.tensor([0.25], device=device))
     assert found.item() == found_torch.item() == 1.0
     assert_bitwise_equal(ours, theirs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_unscale_check_flags_nonfinite_reduced_precision(impl, dtype):
-    grads = make_grads([100, 70000], dtype)
+def test_unscale_check_flags_nonfinite_reduced_precision(impl, dtype, device):
+    grads = make_grads([100, 70000], dtype, device=device)
     grads[1][-1] = math.inf
     grads[1][5] = math.nan
     grads[0][0] = -math.inf
     expected = [unscaled_by_hand(g, 0.5) for g in grads]
-    found, _ = flags()
-    impl.unscale_check_(grads, found, torch.tensor([0.5]))
+    found, _ = flags(device)
+    impl.unscale_check_(grads, found, torch.tensor([0.5], device=device))
     assert found.item() == 1.0
     assert_bitwise_equal(grads, expected)
 
 
-def test_found_inf_is_never_cleared(impl):
-    grads = make_grads([10, 20])
-    found = torch.ones(1)
-    impl.unscale_check_(grads, found, torch.tensor([0.5]))
+def test_found_inf_is_never_cleared(impl, device):
+    grads = make_grads([10, 20], device=device)
+    found = torch.ones(1, device=device)
+    impl.unscale_check_(grads, found, torch.tensor([0.5], device=device))
     assert found.item() == 1.0
-    impl.grad_norm(grads, torch.tensor([0.5]), found)
+    impl.grad_norm(grads, torch.tensor([0.5], device=device), found)
     assert found.item() == 1.0
 
 
-def test_unscale_check_mixed_dtypes_in_one_list(impl):
-    grads = make_grads([33], torch.float32) + make_grads([65537], torch.float16) + make_grads([5], torch.bfloat16)
-    grads += make_grads([0], torch.float16) + make_grads([7], torch.float64)
+def test_unscale_check_mixed_dtypes_in_one_list(impl, device):
+    grads = [g for dtype, n in [(torch.float32, 33), (torch.float16, 65537), (torch.bfloat16, 5), (torch.float16, 0),
+                                (torch.float64, 7)] if supported(dtype, device) for g in make_grads([n], dtype, device=device)]
     ours = clone_all(grads)
-    found, _ = flags()
-    impl.unscale_check_(ours, found, torch.tensor([0.125]))
+    found, _ = flags(device)
+    impl.unscale_check_(ours, found, torch.tensor([0.125], device=device))
     assert_bitwise_equal(ours, [unscaled_by_hand(g, 0.125) for g in grads])
 
 
-def test_unscale_check_non_contiguous_views(impl):
-    base = torch.randn(64, 130) * 10
+def test_unscale_check_non_contiguous_views(impl, device):
+    base = torch.randn(64, 130, device=device) * 10
     transposed = base.clone().t()  # dense but permuted
     strided = base.clone()[:, ::3]  # not dense: goes through a copy
     misaligned = base.clone().flatten()[1:]  # contiguous, not 16-byte aligned
@@ -143,27 +163,27 @@ def test_unscale_check_non_contiguous_views(impl):
     outside = owner[:, 1::3].clone()
     grads = [transposed, strided, misaligned]
     expected = [unscaled_by_hand(g, 0.5) for g in grads]
-    found, _ = flags()
-    impl.unscale_check_(grads, found, torch.tensor([0.5]))
+    found, _ = flags(device)
+    impl.unscale_check_(grads, found, torch.tensor([0.5], device=device))
     assert_bitwise_equal(grads, expected)
     assert torch.equal(owner[:, 1::3], outside), "elements outside the strided view were modified"
 
 
-def test_unscale_check_hundreds_of_tensors_kernel_equals_reference():
+def test_unscale_check_hundreds_of_tensors_kernel_equals_reference(kernels, device):
     sizes = torch.randint(0, 5000, (400,)).tolist()
-    grads = make_grads(sizes)
+    grads = make_grads(sizes, device=device)
     grads[123][7] = math.nan
     k, r = clone_all(grads), clone_all(grads)
-    fk, fr = flags()
-    IMPLEMENTATIONS["kernel"].unscale_check_(k, fk, torch.tensor([0.1]))
-    IMPLEMENTATIONS["reference"].unscale_check_(r, fr, torch.tensor([0.1]))
+    fk, fr = flags(device)
+    kernels.unscale_check_(k, fk, torch.tensor([0.1], device=device))
+    IMPLEMENTATIONS["reference"].unscale_check_(r, fr, torch.tensor([0.1], device=device))
     assert_bitwise_equal(k, r)
     assert fk.item() == fr.item() == 1.0
 
 
-def test_unscale_check_empty_list(impl):
-    found, _ = flags()
-    impl.unscale_check_([], found, torch.tensor([0.5]))
+def test_unscale_check_empty_list(impl, device):
+    found, _ = flags(device)
+    impl.unscale_check_([], found, torch.tensor([0.5], device=device))
     assert found.item() == 0.0
 
 
@@ -177,41 +197,44 @@ def norm_by_torch(grads, inv=1.0):
 
 @pytest.mark.parametrize("dtype", GRAD_DTYPES)
 @pytest.mark.parametrize("inv", [None, 1 / 4096])
-def test_grad_norm_matches_vector_norm(impl, dtype, inv):
-    grads = make_grads(SIZES, dtype)
+def test_grad_norm_matches_vector_norm(impl, dtype, inv, device):
+    skip_unless_supported(dtype, device)
+    grads = make_grads(SIZES, dtype, device=device)
     before = clone_all(grads)
-    inv_scale = None if inv is None else torch.tensor([inv])
+    inv_scale = None if inv is None else torch.tensor([inv], device=device)
     total, per = impl.grad_norm(grads, inv_scale, None, per_tensor=True)
     expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert total.dtype == per.dtype == expected_dtype and total.shape == () and per.shape == (len(grads),)
     scale = 1.0 if inv is None else inv
-    torch.testing.assert_close(total.double(), norm_by_torch(grads, scale), rtol=NORM_RTOL[dtype], atol=0)
+    torch.testing.assert_close(total.double(), norm_by_torch(grads, scale), rtol=norm_rtol(dtype, device), atol=0)
     expected_per = torch.stack([norm_by_torch([g], scale) for g in grads])
-    torch.testing.assert_close(per.double(), expected_per, rtol=NORM_RTOL[dtype], atol=0)
+    torch.testing.assert_close(per.double(), expected_per, rtol=norm_rtol(dtype, device), atol=0)
     assert_bitwise_equal(grads, before)  # read-only
 
 
-def test_grad_norm_per_tensor_matches_foreach_norm(impl):
-    grads = make_grads([3, 70000, 1, 0, 257])
+def test_grad_norm_per_tensor_matches_foreach_norm(impl, device):
+    grads = make_grads([3, 70000, 1, 0, 257], device=device)
     _, per = impl.grad_norm(grads, per_tensor=True)
-    torch.testing.assert_close(per, torch.stack(torch._foreach_norm(grads)), rtol=2e-6, atol=0)
+    torch.testing.assert_close(per, torch.stack(torch._foreach_norm(grads)), rtol=norm_rtol(torch.float32, device), atol=0)
     total, none = impl.grad_norm(grads)
     assert none is None
 
 
-def test_grad_norm_mixed_dtypes(impl):
-    grads = make_grads([100], torch.float16) + make_grads([70000], torch.bfloat16) + make_grads([3], torch.float32)
-    total, _ = impl.grad_norm(grads, torch.tensor([0.5]))
+def test_grad_norm_mixed_dtypes(impl, device):
+    grads = make_grads([100], torch.float16, device=device) + make_grads([70000], torch.bfloat16, device=device)
+    grads += make_grads([3], torch.float32, device=device)
+    total, _ = impl.grad_norm(grads, torch.tensor([0.5], device=device))
     assert total.dtype == torch.float32
-    torch.testing.assert_close(total.double(), norm_by_torch(grads, 0.5), rtol=2e-6, atol=0)
+    torch.testing.assert_close(total.double(), norm_by_torch(grads, 0.5), rtol=norm_rtol(torch.float16, device), atol=0)
 
 
-def test_grad_norm_non_contiguous(impl):
-    base = torch.randn(300, 301)
+def test_grad_norm_non_contiguous(impl, device):
+    base = torch.randn(300, 301, device=device)
     grads = [base.t(), base[::2, 1:], base.flatten()[1:]]
     total, per = impl.grad_norm(grads, per_tensor=True)
-    torch.testing.assert_close(total.double(), norm_by_torch([g.contiguous() for g in grads]), rtol=2e-6, atol=0)
-    torch.testing.assert_close(per.double(), torch.stack([norm_by_torch([g]) for g in grads]), rtol=2e-6, atol=0)
+    rtol = norm_rtol(torch.float32, device)
+    torch.testing.assert_close(total.double(), norm_by_torch([g.contiguous() for g in grads]), rtol=rtol, atol=0)
+    torch.testing.assert_close(per.double(), torch.stack([norm_by_torch([g]) for g in grads]), rtol=rtol, atol=0)
 
 
 def test_grad_norm_is_deterministic_across_runs_and_thread_counts():
@@ -232,41 +255,44 @@ def test_grad_norm_is_deterministic_across_runs_and_thread_counts():
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("position", [0, -1])
-def test_grad_norm_sets_found_inf(impl, value, position):
-    grads = make_grads([65536, 65537])
+def test_grad_norm_sets_found_inf(impl, value, position, device):
+    grads = make_grads([65536, 65537], device=device)
     grads[position][position] = value
-    found, _ = flags()
-    total, _ = impl.grad_norm(grads, torch.tensor([1.0]), found)
+    found, _ = flags(device)
+    total, _ = impl.grad_norm(grads, torch.tensor([1.0], device=device), found)
     assert found.item() == 1.0
     assert not math.isfinite(total.item())
 
 
-def test_grad_norm_without_found_inf_still_reports_nonfinite_norm(impl):
-    grads = make_grads([10])
+def test_grad_norm_without_found_inf_still_reports_nonfinite_norm(impl, device):
+    grads = make_grads([10], device=device)
     grads[0][3] = math.inf
     total, _ = impl.grad_norm(grads)
     assert math.isinf(total.item())
 
 
-def test_grad_norm_large_finite_values_are_not_flagged(impl):
+def test_grad_norm_large_finite_values_are_not_flagged(impl, device):
     # Squares overflow fp32 but every value is finite: not an overflow step (as in PyTorch).
-    grads = [torch.full((1000,), 1e30)]
-    found, _ = flags()
+    grads = [torch.full((1000,), 1e30, device=device)]
+    found, _ = flags(device)
     impl.grad_norm(grads, None, found)
     assert found.item() == 0.0
 
 
-def test_grad_norm_empty(impl):
-    total, per = impl.grad_norm([], per_tensor=True)
-    assert total.item() == 0.0 and per.shape == (0,)
-    total, per = impl.grad_norm([torch.zeros(0), torch.zeros(0, 5)], per_tensor=True)
+def test_grad_norm_empty(impl, device):
+    total, per = impl.grad_norm([], per_tensor=True)  # names no device: CPU
+    assert total.item() == 0.0 and per.shape == (0,) and total.device.type == "cpu"
+    found = torch.zeros(1, device=device)
+    total, per = impl.grad_norm([], torch.ones(1, device=device), found, per_tensor=True)
+    assert total.item() == 0.0 and per.shape == (0,) and total.device == found.device and found.item() == 0.0
+    total, per = impl.grad_norm([torch.zeros(0, device=device), torch.zeros(0, 5, device=device)], per_tensor=True)
     assert total.item() == 0.0 and per.tolist() == [0.0, 0.0]
 
 
-def test_grad_norm_hundreds_of_tensors(impl):
-    grads = make_grads(torch.randint(0, 3000, (500,)).tolist(), torch.float16)
-    total, per = impl.grad_norm(grads, torch.tensor([0.01]), per_tensor=True)
-    torch.testing.assert_close(total.double(), norm_by_torch(grads, 0.01), rtol=2e-6, atol=0)
+def test_grad_norm_hundreds_of_tensors(impl, device):
+    grads = make_grads(torch.randint(0, 3000, (500,)).tolist(), torch.float16, device=device)
+    total, per = impl.grad_norm(grads, torch.tensor([0.01], device=device), per_tensor=True)
+    torch.testing.assert_close(total.double(), norm_by_torch(grads, 0.01), rtol=norm_rtol(torch.float16, device), atol=0)
     assert per.shape == (500,)
 
 
@@ -274,38 +300,40 @@ def test_grad_norm_hundreds_of_tensors(impl):
 
 
 @pytest.mark.parametrize("dtype", GRAD_DTYPES)
-def test_unscale_check_norm_is_unscale_then_norm(impl, dtype):
-    grads = make_grads(SIZES, dtype)
+def test_unscale_check_norm_is_unscale_then_norm(impl, dtype, device):
+    skip_unless_supported(dtype, device)
+    grads = make_grads(SIZES, dtype, device=device)
     fused, separate = clone_all(grads), clone_all(grads)
-    found, found_separate = flags()
-    inv = torch.tensor([1 / 8192])
+    found, found_separate = flags(device)
+    inv = torch.tensor([1 / 8192], device=device)
     total, per = impl.unscale_check_norm_(fused, found, inv, per_tensor=True)
     impl.unscale_check_(separate, found_separate, inv)
     assert_bitwise_equal(fused, separate)
-    torch.testing.assert_close(total.double(), norm_by_torch(separate), rtol=NORM_RTOL[dtype], atol=0)
-    torch.testing.assert_close(per.double(), torch.stack([norm_by_torch([g]) for g in separate]), rtol=NORM_RTOL[dtype], atol=0)
+    rtol = norm_rtol(dtype, device)
+    torch.testing.assert_close(total.double(), norm_by_torch(separate), rtol=rtol, atol=0)
+    torch.testing.assert_close(per.double(), torch.stack([norm_by_torch([g]) for g in separate]), rtol=rtol, atol=0)
     assert found.item() == 0.0
 
 
-def test_unscale_check_norm_flags_and_matches_torch(impl):
-    grads = make_grads([65537, 100])
+def test_unscale_check_norm_flags_and_matches_torch(impl, device):
+    grads = make_grads([65537, 100], device=device)
     grads[1][-1] = math.nan
     ours, theirs = clone_all(grads), clone_all(grads)
-    found, found_torch = flags()
-    impl.unscale_check_norm_(ours, found, torch.tensor([0.5]))
-    torch._amp_foreach_non_finite_check_and_unscale_(theirs, found_torch, torch.tensor([0.5]))
+    found, found_torch = flags(device)
+    impl.unscale_check_norm_(ours, found, torch.tensor([0.5], device=device))
+    torch._amp_foreach_non_finite_check_and_unscale_(theirs, found_torch, torch.tensor([0.5], device=device))
     assert found.item() == found_torch.item() == 1.0
     assert_bitwise_equal(ours, theirs)
 
 
-def test_unscale_check_norm_non_contiguous(impl):
-    base = torch.randn(40, 90)
+def test_unscale_check_norm_non_contiguous(impl, device):
+    base = torch.randn(40, 90, device=device)
     grads = [base.clone()[:, ::2], base.clone().t()]
     expected = [unscaled_by_hand(g, 0.25) for g in grads]
-    found, _ = flags()
-    total, _ = impl.unscale_check_norm_(grads, found, torch.tensor([0.25]))
+    found, _ = flags(device)
+    total, _ = impl.unscale_check_norm_(grads, found, torch.tensor([0.25], device=device))
     assert_bitwise_equal(grads, expected)
-    torch.testing.assert_close(total.double(), norm_by_torch(expected), rtol=2e-6, atol=0)
+    torch.testing.assert_close(total.double(), norm_by_torch(expected), rtol=norm_rtol(torch.float32, device), atol=0)
 
 
 # ---- clip_coef ------------------------------------------------------------------------------------------
@@ -313,8 +341,8 @@ def test_unscale_check_norm_non_contiguous(impl):
 
 @pytest.mark.parametrize("norm", [0.0, 1e-7, 0.5, 1.0, 1.0000001, 2.0, 1e30, math.inf, math.nan])
 @pytest.mark.parametrize("max_norm", [0.0, 1.0, 0.3])
-def test_clip_coef_is_clip_grad_norm_formula(impl, norm, max_norm):
-    total = torch.tensor(norm)
+def test_clip_coef_is_clip_grad_norm_formula(impl, norm, max_norm, device):
+    total = torch.tensor(norm, device=device)
     coef = impl.clip_coef(total, max_norm)
     # What torch.nn.utils.clip_grad_norm_ computes: max_norm / (total_norm + 1e-6), clamped at 1.
     expected = torch.clamp(max_norm / (total + 1e-6), max=1.0)
@@ -322,49 +350,51 @@ def test_clip_coef_is_clip_grad_norm_formula(impl, norm, max_norm):
     assert torch.equal(bits(coef), bits(expected)) or (math.isnan(coef.item()) and math.isnan(expected.item()))
 
 
-def test_clip_coef_kernel_equals_reference_fp64():
+def test_clip_coef_kernel_equals_reference_fp64(kernels, device):
     for value in (0.1, 3.0, 1e300):
-        total = torch.tensor(value, dtype=torch.float64)
-        k = IMPLEMENTATIONS["kernel"].clip_coef(total, 1.5, 1e-6)
+        total = torch.tensor(value, dtype=torch.float64, device=device)
+        k = kernels.clip_coef(total, 1.5, 1e-6)
         r = IMPLEMENTATIONS["reference"].clip_coef(total, 1.5, 1e-6)
         assert k.dtype == torch.float64 and torch.equal(k, r)
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e6])
-def test_clip_matches_torch_clip_grad_norm(impl, max_norm):
-    params = [torch.nn.Parameter(torch.zeros(n)) for n in (5, 65537, 300)]
+def test_clip_matches_torch_clip_grad_norm(impl, max_norm, device):
+    params = [torch.nn.Parameter(torch.zeros(n, device=device)) for n in (5, 65537, 300)]
     for p in params:
-        p.grad = torch.randn(p.shape) * 3
+        p.grad = torch.randn(p.shape, device=device) * 3
     grads = [p.grad.clone() for p in params]
     torch_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
     total, _ = impl.grad_norm(grads)
     coef = impl.clip_coef(total, max_norm)
     impl.scale_(grads, coef.reshape(1))
-    torch.testing.assert_close(total, torch_norm, rtol=2e-6, atol=0)
+    torch.testing.assert_close(total, torch_norm, rtol=norm_rtol(torch.float32, device), atol=0)
     for ours, p in zip(grads, params):
-        torch.testing.assert_close(ours, p.grad, rtol=4e-6, atol=1e-7)
+        torch.testing.assert_close(ours, p.grad, rtol=1e-5, atol=1e-7)
 
 
 # ---- scale_ -------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", GRAD_DTYPES)
-def test_scale_rounds_once(impl, dtype):
-    tensors = make_grads(SIZES, dtype)
+def test_scale_rounds_once(impl, dtype, device):
+    skip_unless_supported(dtype, device)
+    tensors = make_grads(SIZES, dtype, device=device)
     ours = clone_all(tensors)
-    impl.scale_(ours, torch.tensor([0.3]))
-    expected = [(t.to(opmath(dtype)) * torch.tensor(0.3, dtype=torch.float32).to(opmath(dtype))).to(dtype) for t in tensors]
+    impl.scale_(ours, torch.tensor([0.3], device=device))
+    factor = torch.tensor(0.3, dtype=torch.float32, device=device).to(opmath(dtype))
+    expected = [(t.to(opmath(dtype)) * factor).to(dtype) for t in tensors]
     assert_bitwise_equal(ours, expected)
 
 
-def test_scale_does_nothing_when_found_inf_set(impl):
-    tensors = make_grads([65537, 3]) + make_grads([9], torch.float16)
+def test_scale_does_nothing_when_found_inf_set(impl, device):
+    tensors = make_grads([65537, 3], device=device) + make_grads([9], torch.float16, device=device)
     tensors[0][5] = math.nan
     tensors[1][0] = -math.inf
     before = clone_all(tensors)
-    impl.scale_(tensors, torch.tensor([0.5]), torch.ones(1))
+    impl.scale_(tensors, torch.tensor([0.5], device=device), torch.ones(1, device=device))
     assert_bitwise_equal(tensors, before)
-    impl.scale_(tensors, torch.tensor([0.5]), torch.zeros(1))
+    impl.scale_(tensors, torch.tensor([0.5], device=device), torch.zeros(1, device=device))
     assert_bitwise_equal(tensors[2:], [unscaled_by_hand(before[2], 0.5)])
 
 
@@ -375,19 +405,19 @@ def test_scale_fp64_factor_on_cpu(impl):
     assert torch.equal(tensors[0], expected)
 
 
-def test_scale_non_contiguous(impl):
-    base = torch.randn(50, 50)
+def test_scale_non_contiguous(impl, device):
+    base = torch.randn(50, 50, device=device)
     view = base.clone()[::2, ::3]
     expected = view * 2.5
-    impl.scale_([view], torch.tensor([2.5]))
+    impl.scale_([view], torch.tensor([2.5], device=device))
     assert torch.equal(view, expected)
 
 
 # ---- update_scale_ --------------------------------------------------------------------------------------
 
 
-def fresh_state(scale):
-    return torch.full((1,), scale, dtype=torch.float32), torch.zeros(1, dtype=torch.int32)
+def fresh_state(scale, device="cpu"):
+    return torch.full((1,), scale, dtype=torch.float32, device=device), torch.zeros(1, dtype=torch.int32, device=device)
 
 
 @settings(max_examples=60, deadline=None)
@@ -411,9 +441,9 @@ def test_update_scale_matches_torch_bitwise(init, growth, backoff, interval, ove
         assert torch.equal(tracker, torch_tracker)
 
 
-def test_update_scale_hysteresis_by_hand(impl):
-    scale, tracker = fresh_state(1024.0)
-    hysteresis = torch.full((1,), 3, dtype=torch.int32)
+def test_update_scale_hysteresis_by_hand(impl, device):
+    scale, tracker = fresh_state(1024.0, device)
+    hysteresis = torch.full((1,), 3, dtype=torch.int32, device=device)
     expected = [  # (found_inf, scale after, growth tracker after, hysteresis tracker after)
         (1, 1024.0, 0, 2),  # first overflow tolerated
         (1, 1024.0, 0, 1),  # second tolerated
@@ -425,24 +455,36 @@ def test_update_scale_hysteresis_by_hand(impl):
         (0, 512.0, 0, 3),  # growth_interval=2 clean steps: grow
     ]
     for found, s, g, h in expected:
-        impl.update_scale_(scale, tracker, torch.full((1,), float(found)), 2.0, 0.5, 2, 3, hysteresis)
+        impl.update_scale_(scale, tracker, torch.full((1,), float(found), device=device), 2.0, 0.5, 2, 3, hysteresis)
         assert (scale.item(), tracker.item(), hysteresis.item()) == (s, g, h)
 
 
-def test_update_scale_min_max_bounds(impl):
-    scale, tracker = fresh_state(4.0)
+def test_update_scale_min_max_bounds(impl, device):
+    scale, tracker = fresh_state(4.0, device)
     for _ in range(5):
-        impl.update_scale_(scale, tracker, torch.ones(1), 2.0, 0.5, 1, min_scale=1.0)
+        impl.update_scale_(scale, tracker, torch.ones(1, device=device), 2.0, 0.5, 1, min_scale=1.0)
     assert scale.item() == 1.0
     for _ in range(10):
-        impl.update_scale_(scale, tracker, torch.zeros(1), 2.0, 0.5, 1, max_scale=16.0)
+        impl.update_scale_(scale, tracker, torch.zeros(1, device=device), 2.0, 0.5, 1, max_scale=16.0)
     assert scale.item() == 16.0
 
 
-def test_update_scale_never_grows_to_inf(impl):
-    scale, tracker = fresh_state(3.0e38)
-    impl.update_scale_(scale, tracker, torch.zeros(1), 2.0, 0.5, 1)
+def test_update_scale_never_grows_to_inf(impl, device):
+    scale, tracker = fresh_state(3.0e38, device)
+    impl.update_scale_(scale, tracker, torch.zeros(1, device=device), 2.0, 0.5, 1)
     assert scale.item() == pytest.approx(3.0e38) and tracker.item() == 0
+
+
+def test_update_scale_matches_torch_bitwise_on_every_device(impl, device):
+    gen = torch.Generator().manual_seed(3)
+    for growth, backoff, interval in [(2.0, 0.5, 3), (1.5, 0.25, 1), (3.3, 0.7, 2)]:
+        scale, tracker = fresh_state(2.0**16, device)
+        torch_scale, torch_tracker = fresh_state(2.0**16, device)
+        for _ in range(60):
+            found = torch.full((1,), float(torch.rand(1, generator=gen).item() < 0.3), device=device)
+            impl.update_scale_(scale, tracker, found, growth, backoff, interval)
+            torch._amp_update_scale_(torch_scale, torch_tracker, found, growth, backoff, interval)
+            assert torch.equal(bits(scale), bits(torch_scale)) and torch.equal(tracker, torch_tracker)
 
 
 def test_update_scale_returns_scale():
@@ -453,19 +495,19 @@ def test_update_scale_returns_scale():
 # ---- bad input: clear errors, nothing modified -----------------------------------------------------------
 
 
-def test_bad_grad_dtype_names_tensor_and_changes_nothing(impl):
-    good = torch.randn(10)
+def test_bad_grad_dtype_names_tensor_and_changes_nothing(impl, device):
+    good = torch.randn(10, device=device)
     before = good.clone()
-    found = torch.zeros(1)
-    for bad in (torch.arange(3), torch.ones(3, dtype=torch.bool)):
+    found = torch.zeros(1, device=device)
+    for bad in (torch.arange(3, device=device), torch.ones(3, dtype=torch.bool, device=device)):
         with pytest.raises(RuntimeError, match=r"grads\[1\] has dtype torch\.(int64|bool)"):
-            impl.unscale_check_([good, bad], found, torch.tensor([0.5]))
+            impl.unscale_check_([good, bad], found, torch.tensor([0.5], device=device))
         with pytest.raises(RuntimeError, match=r"grads\[1\] has dtype"):
-            impl.unscale_check_norm_([good, bad], found, torch.tensor([0.5]))
+            impl.unscale_check_norm_([good, bad], found, torch.tensor([0.5], device=device))
         with pytest.raises(RuntimeError, match=r"grads\[1\] has dtype"):
             impl.grad_norm([good, bad], None, found)
         with pytest.raises(RuntimeError, match=r"tensors\[1\] has dtype"):
-            impl.scale_([good, bad], torch.tensor([0.5]))
+            impl.scale_([good, bad], torch.tensor([0.5], device=device))
     assert torch.equal(good, before) and found.item() == 0.0
 
 
@@ -477,62 +519,66 @@ def test_bad_grad_dtype_names_tensor_and_changes_nothing(impl):
         (torch.zeros(1, dtype=torch.int32), r"found_inf must be a torch\.float32"),
     ],
 )
-def test_bad_found_inf(impl, found_inf, message):
-    grads = [torch.randn(5)]
+def test_bad_found_inf(impl, found_inf, message, device):
+    grads = [torch.randn(5, device=device)]
+    found_inf = found_inf.to(device)
     before = grads[0].clone()
     with pytest.raises(RuntimeError, match=message):
-        impl.unscale_check_(grads, found_inf, torch.tensor([0.5]))
+        impl.unscale_check_(grads, found_inf, torch.tensor([0.5], device=device))
     assert torch.equal(grads[0], before)
 
 
-def test_bad_inv_scale(impl):
-    grads = [torch.randn(5)]
+def test_bad_inv_scale(impl, device):
+    grads = [torch.randn(5, device=device)]
     before = grads[0].clone()
     with pytest.raises(RuntimeError, match=r"inv_scale must be a torch\.float32 tensor, got torch\.int64"):
-        impl.unscale_check_(grads, torch.zeros(1), torch.tensor([2]))
+        impl.unscale_check_(grads, torch.zeros(1, device=device), torch.tensor([2], device=device))
     with pytest.raises(RuntimeError, match=r"inv_scale must be a 1-element tensor"):
-        impl.grad_norm(grads, torch.ones(3))
+        impl.grad_norm(grads, torch.ones(3, device=device))
     assert torch.equal(grads[0], before)
 
 
-def test_wrong_device_names_tensor_and_device(impl):
-    # The meta device stands in for a second device on a CPU-only machine (tests/cuda covers cuda vs cpu).
-    grads = [torch.randn(5), torch.randn(5, device="meta")]
+def test_wrong_device_names_tensor_and_device(impl, device):
+    # The meta device stands in for a second device on a CPU-only machine; on a GPU, cpu is the other one.
+    other = "meta" if device == "cpu" else "cpu"
+    grads = [torch.randn(5, device=device), torch.randn(5, device=other)]
+    here = str(grads[0].device)
     before = grads[0].clone()
-    with pytest.raises(RuntimeError, match=r"grads\[1\] is on meta but the op runs on cpu"):
-        impl.unscale_check_(grads, torch.zeros(1), torch.tensor([0.5]))
-    with pytest.raises(RuntimeError, match=r"inv_scale is on meta but the op runs on cpu"):
-        impl.unscale_check_(grads[:1], torch.zeros(1), torch.tensor([0.5], device="meta"))
-    with pytest.raises(RuntimeError, match=r"found_inf is on meta but the op runs on cpu"):
-        impl.grad_norm(grads[:1], None, torch.zeros(1, device="meta"))
+    with pytest.raises(RuntimeError, match=rf"grads\[1\] is on {other} but the op runs on {here}"):
+        impl.unscale_check_(grads, torch.zeros(1, device=device), torch.tensor([0.5], device=device))
+    with pytest.raises(RuntimeError, match=rf"inv_scale is on {other} but the op runs on {here}"):
+        impl.unscale_check_(grads[:1], torch.zeros(1, device=device), torch.tensor([0.5], device=other))
+    with pytest.raises(RuntimeError, match=rf"found_inf is on {other} but the op runs on {here}"):
+        impl.grad_norm(grads[:1], None, torch.zeros(1, device=other))
     assert torch.equal(grads[0], before)
 
 
-def test_expanded_tensor_cannot_be_written(impl):
+def test_expanded_tensor_cannot_be_written(impl, device):
     with pytest.raises(RuntimeError, match=r"grads\[0\] has elements that share memory"):
-        impl.unscale_check_([torch.ones(1).expand(10)], torch.zeros(1), torch.tensor([0.5]))
+        found, _ = flags(device)
+        impl.unscale_check_([torch.ones(1, device=device).expand(10)], found, torch.tensor([0.5], device=device))
 
 
-def test_bad_update_scale_arguments(impl):
-    scale, tracker = fresh_state(2.0)
+def test_bad_update_scale_arguments(impl, device):
+    scale, tracker = fresh_state(2.0, device)
     with pytest.raises(RuntimeError, match=r"hysteresis=2 needs a hysteresis_tracker"):
-        impl.update_scale_(scale, tracker, torch.ones(1), 2.0, 0.5, 10, 2)
+        impl.update_scale_(scale, tracker, torch.ones(1, device=device), 2.0, 0.5, 10, 2)
     with pytest.raises(RuntimeError, match=r"growth_tracker must be a torch\.int32 tensor"):
-        impl.update_scale_(scale, torch.zeros(1), torch.ones(1), 2.0, 0.5, 10)
+        impl.update_scale_(scale, torch.zeros(1, device=device), torch.ones(1, device=device), 2.0, 0.5, 10)
     with pytest.raises(RuntimeError, match=r"min_scale <= max_scale"):
-        impl.update_scale_(scale, tracker, torch.ones(1), 2.0, 0.5, 10, min_scale=4.0, max_scale=2.0)
+        impl.update_scale_(scale, tracker, torch.ones(1, device=device), 2.0, 0.5, 10, min_scale=4.0, max_scale=2.0)
     assert scale.item() == 2.0 and tracker.item() == 0
 
 
-def test_bad_scale_factor(impl):
-    t = [torch.randn(4)]
+def test_bad_scale_factor(impl, device):
+    t = [torch.randn(4, device=device)]
     with pytest.raises(RuntimeError, match=r"factor must be a 1-element tensor"):
-        impl.scale_(t, torch.ones(2))
+        impl.scale_(t, torch.ones(2, device=device))
 
 
-def test_bad_clip_coef(impl):
+def test_bad_clip_coef(impl, device):
     with pytest.raises(RuntimeError, match=r"max_norm must be non-negative"):
-        impl.clip_coef(torch.tensor(1.0), -1.0)
+        impl.clip_coef(torch.tensor(1.0, device=device), -1.0)
 
 
 # ---- reference vs PyTorch (the oracle itself is checked) --------------------------------------------------
