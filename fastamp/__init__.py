@@ -8,13 +8,14 @@ import torch
 
 from . import models, ops
 from ._extension import KernelFallbackWarning, extension_status
+from .forensics import OverflowDiagnosis, TrainingStuckWarning, diagnose_overflow
 from .grad_scaler import GradScaler
 from .trainer import FusedMixedPrecisionTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedMixedPrecisionTrainer", "GradScaler", "KernelFallbackWarning", "__version__", "build_info",
-           "has_cuda_kernels", "models", "ops"]
+__all__ = ["FusedMixedPrecisionTrainer", "GradScaler", "KernelFallbackWarning", "OverflowDiagnosis",
+           "TrainingStuckWarning", "__version__", "build_info", "diagnose_overflow", "has_cuda_kernels", "models", "ops"]
 
 
 def has_cuda_kernels() -> bool:

@@ -161,8 +161,10 @@ def scale_grads_(grads: List[Tensor], factor: Tensor, found_inf: Optional[Tensor
     if fused:
         ops.scale_(fused, factor, found_inf)
     for g in other:
-        scaled = g * factor.to(g.dtype)
-        g.copy_(scaled if found_inf is None else torch.where(found_inf != 0, g, scaled))
+        keep = factor.reshape(()) == 1
+        if found_inf is not None:
+            keep = keep | (found_inf.reshape(()) != 0)
+        g.copy_(torch.where(keep.to(g.device), g, g * factor.to(g.dtype)))
 
 
 @dataclass

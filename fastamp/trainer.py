@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import deque
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from .batch import Batch, LossFn, compute_loss, to_device
+from .forensics import OverflowDiagnosis, OverflowWatch, diagnose_overflow
 from .grad_scaler import GradScaler
 from .gradients import clip_gradients, grads_by_device
 from .metrics import StepHistory, StepTimer, memory_mb, training_statistics
@@ -33,8 +36,6 @@ _PRECISIONS = {
 }
 _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
-Batch = Union[Mapping, Sequence, Tensor, Any]
-LossFn = Callable[[nn.Module, Any], Tensor]
 
 
 def normalize_precision(precision: str) -> str:
@@ -103,6 +104,19 @@ class FusedMixedPrecisionTrainer:
         zero_grad_set_to_none: passed to ``optimizer.zero_grad``.
         scaler: a :class:`fastamp.GradScaler` to use instead of building one (e.g.
             :class:`fastamp.distributed.ShardedGradScaler` for FSDP2); the scaling options are then ignored.
+        skip_nonfinite: without a loss scaler (bf16, fp32), still skip a step whose gradients hold
+            inf/nan, on the device, as fp16 does: the flag comes from the norm pass the clip makes anyway
+            (a :class:`fastamp.GradScaler` pinned at scale 1), and with a fused optimizer it goes in as
+            ``found_inf`` (no host sync). Skipped steps leave parameters and optimizer state
+            bit-identical and are counted with the others. ``False``: the stock behaviour (NaN goes in).
+        diagnose_overflows: replay the batch of a skipped step with :func:`fastamp.diagnose_overflow`
+            (the first one, then at most one every ``diagnose_every`` steps); the reports are in
+            :attr:`overflow_diagnoses` and the statistics. Steps without overflow pay nothing. Where the
+            skip is only known later (fused optimizers decide on the device), the batches of the last
+            ``diagnose_window`` steps are kept and diagnosed when the flags are read anyway (logging in
+            :meth:`fit`, :meth:`get_training_statistics`); the report says which step it is.
+        stuck_after: warn once (:class:`fastamp.TrainingStuckWarning`) after this many consecutive
+            skipped steps, or when a step is skipped with the scale at ``min_scale``.
 
     Under DDP the gradients are all-reduced only on the last micro-batch of each accumulation window
     (``no_sync()``; FSDP2: ``set_requires_gradient_sync``).
@@ -129,6 +143,11 @@ class FusedMixedPrecisionTrainer:
         max_scale: float = math.inf,
         zero_grad_set_to_none: bool = True,
         scaler: Optional[GradScaler] = None,
+        skip_nonfinite: bool = True,
+        diagnose_overflows: bool = True,
+        diagnose_every: int = 100,
+        diagnose_window: int = 16,
+        stuck_after: int = 20,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -157,9 +176,22 @@ class FusedMixedPrecisionTrainer:
                 raise TypeError(f"scaler must be a fastamp.GradScaler, got {type(scaler).__name__}")
             self.scaler = scaler
             self.loss_scaling = "dynamic" if scaler.is_enabled() else "none"
-        else:
-            self.scaler = self._make_scaler(use_scaler, init_scale, growth_factor, backoff_factor, growth_interval,
+        elif use_scaler:
+            self.scaler = self._make_scaler(True, init_scale, growth_factor, backoff_factor, growth_interval,
                                             hysteresis, min_scale, max_scale)
+        else:
+            # The non-finite guard is a scaler pinned at 1: the same fused path (norm + found_inf in one
+            # read, skip on the device), and a factor of 1 writes nothing when there is no clip.
+            self.scaler = self._make_scaler(bool(skip_nonfinite), 1.0, 2.0, 0.5, 2**30, 1, 1.0, 1.0)
+            min_scale = 1.0
+        self.skip_nonfinite = self.scaler.is_enabled()
+        self.diagnose_overflows = bool(diagnose_overflows)
+        self.overflow_diagnoses: List[OverflowDiagnosis] = []
+        self._watch = OverflowWatch(diagnose_every, stuck_after, min_scale=min_scale if self.loss_scaling == "dynamic"
+                                    else 0.0)
+        # Batches of steps whose skip is not known on the host yet: (step, scale it ran at, found_inf, batches).
+        self._unread_steps: deque = deque(maxlen=max(1, int(diagnose_window)))
+        self._window_batches: List[Batch] = []
         self._timer = StepTimer(self.device)
         self.step = 0  # optimizer steps taken or skipped
         self._micro_step = 0
@@ -190,15 +222,6 @@ class FusedMixedPrecisionTrainer:
 
     # ---- one micro-batch ---------------------------------------------------------------------------
 
-    def _to_device(self, batch: Batch) -> Batch:
-        if isinstance(batch, Tensor):
-            return batch.to(self.device, non_blocking=True)
-        if isinstance(batch, Mapping):
-            return {k: self._to_device(v) for k, v in batch.items()}
-        if isinstance(batch, (list, tuple)):
-            return type(batch)(self._to_device(v) for v in batch)
-        return batch
-
     @staticmethod
     def _count_tokens(batch: Batch) -> int:
         if isinstance(batch, Mapping):
@@ -213,26 +236,6 @@ class FusedMixedPrecisionTrainer:
             return batch.shape[0] if batch.dim() else 1
         return 0
 
-    def _forward(self, batch: Batch) -> Tensor:
-        if self.loss_fn is not None:
-            return self.loss_fn(self.model, batch)
-        if isinstance(batch, Mapping):
-            output = self.model(**batch)
-        elif isinstance(batch, (list, tuple)):
-            output = self.model(*batch)
-        else:
-            output = self.model(batch)
-        if isinstance(output, Tensor):
-            return output
-        if isinstance(output, Mapping) and "loss" in output:
-            return output["loss"]
-        if hasattr(output, "loss"):
-            return output.loss
-        raise TypeError(
-            "FusedMixedPrecisionTrainer: the model's output is not a loss tensor, a dict with 'loss' or an "
-            f"object with .loss (got {type(output).__name__}); pass loss_fn=..."
-        )
-
     def train_step(self, batch: Batch) -> StepResult:
         """Forward and backward on one micro-batch; the optimizer phase on every
         ``accumulation_steps``-th call. No host sync (see the module doc)."""
@@ -242,13 +245,16 @@ class FusedMixedPrecisionTrainer:
             self.optimizer.zero_grad(set_to_none=self.zero_grad_set_to_none)
             self._window_loss = None
             self._window_tokens = 0
-        batch = self._to_device(batch)
+            self._window_batches = []
+        batch = to_device(batch, self.device)
+        if self.diagnose_overflows and self.scaler.is_enabled():
+            self._window_batches.append(batch)
         self._window_tokens += self._count_tokens(batch)
         dtype = _AUTOCAST_DTYPES.get(self.precision)
         last_micro_step = self._micro_step + 1 == self.accumulation_steps
         with self._gradient_sync(last_micro_step):
             with torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
-                loss = self._forward(batch)
+                loss = compute_loss(self.model, batch, self.loss_fn)
             if loss.dim() != 0:
                 raise ValueError(f"FusedMixedPrecisionTrainer: the loss must be a scalar, got shape {tuple(loss.shape)}")
             self.scaler.scale(loss.float() / self.accumulation_steps).backward()
@@ -275,6 +281,8 @@ class FusedMixedPrecisionTrainer:
 
     def _optimizer_phase(self) -> Dict[str, Tensor]:
         start = self._timer.start()
+        live = self.scaler.get_scale_tensor()
+        scale_used = live.clone() if live is not None and self.diagnose_overflows else None
         max_norm = self.max_grad_norm if self.max_grad_norm > 0 else math.inf  # inf: norm only, no clip
         folded = self._unscaled_fused_step(max_norm)
         if folded is not None:
@@ -296,6 +304,16 @@ class FusedMixedPrecisionTrainer:
         self.history.record(loss=self._window_loss, grad_norm=grad_norm, scale=scale, found_inf=found_inf,
                             step_time=step_time, optimizer_time=optimizer_time, memory=memory_mb(self.device),
                             tokens=self._window_tokens)
+        if scale_used is not None:
+            known = self.scaler.last_step_skipped_if_known()  # a non-fused step had to read the flag
+            index = self.step - 1  # as in the statistics' overflow_step_indices
+            if known is False:
+                self._watch.observe(index, False)
+            else:  # skipped (then reading the scale costs nothing that matters), or not known yet
+                self._unread_steps.append((index, scale_used, found_inf, self._window_batches))
+                if known:
+                    self._diagnose_unread_steps()
+        self._window_batches = []
         return {"stepped": True, "skipped": found_inf.reshape(()) != 0, "grad_norm": grad_norm, "scale": scale}
 
     def _unscaled_fused_step(self, max_norm: Optional[float]) -> Optional[Tensor]:
@@ -317,6 +335,40 @@ class FusedMixedPrecisionTrainer:
         finally:
             del self.optimizer.grad_scale
         return result.total_norm
+
+    # ---- overflow forensics ------------------------------------------------------------------------------
+
+    def _diagnose_unread_steps(self) -> None:
+        """Read the skipped flags of the steps kept since the last read (one read for all of them, made
+        where the host reads anyway), warn if training is stuck, diagnose what the watch asks for."""
+        if not self._unread_steps:
+            return
+        steps = list(self._unread_steps)
+        self._unread_steps.clear()
+        flags = torch.stack([f.reshape(()).to(self.device) for _, _, f, _ in steps]).tolist()
+        scales = torch.stack([s.reshape(()).to(self.device) for _, s, _, _ in steps]).tolist()
+        for (step, _, _, batches), skipped, scale in zip(steps, flags, scales):
+            if self._watch.observe(step, bool(skipped), scale) and batches:
+                self.overflow_diagnoses.append(self._diagnose(step, batches, scale))
+
+    def _diagnose(self, step: int, batches: List[Batch], scale: float) -> OverflowDiagnosis:
+        model = self.model.module if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else self.model
+        report = None
+        for batch in batches:
+            # The trainer's backward runs at scale / accumulation_steps (the loss is a window's share).
+            report = diagnose_overflow(model, batch, loss_fn=self.loss_fn, precision=self.precision,
+                                       loss_scale=scale / self.accumulation_steps, device=self.device)
+            if report.found:
+                break
+        assert report is not None
+        report.step, report.replayed_at_step = step, self.step
+        if not report.found:
+            report.notes.append("the overflow did not recur when the batch was replayed (dropout, or data that "
+                                "changed since); the step was skipped all the same")
+        if step != self.step - 1:
+            report.notes.append(f"replayed with the weights after {self.step} steps, not those of step {step}: the "
+                                "skip was only known on the host later (fused optimizer)")
+        return report
 
     # ---- loops and reports -----------------------------------------------------------------------------
 
@@ -361,6 +413,7 @@ class FusedMixedPrecisionTrainer:
             if bar is not None:
                 bar.update(1)
             if self.step % log_every == 0 or self.step == target:
+                self._diagnose_unread_steps()
                 loss, scale = self.history.last_loss.item(), self.scaler.get_scale()
                 skipped = self.scaler.step_counts()["skipped"]
                 if bar is not None:
@@ -382,11 +435,14 @@ class FusedMixedPrecisionTrainer:
         ``avg_step_time``, ``avg_optimizer_time``, ``avg_loss``, ``avg_gradient_norm`` (successful
         steps), ``max_memory_mb``, ``tokens_per_second``.
         """
+        self._diagnose_unread_steps()
         stats: Dict[str, Any] = {
             "precision": self.precision,
             "loss_scaling": self.loss_scaling,
+            "skip_nonfinite": self.skip_nonfinite,
             "accumulation_steps": self.accumulation_steps,
             **training_statistics(self.history.read()),
+            "overflow_diagnoses": [d.to_dict() for d in self.overflow_diagnoses],
         }
         if self.device.type == "cuda":
             stats["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 1e6
@@ -403,11 +459,21 @@ class FusedMixedPrecisionTrainer:
     # ---- checkpoints ------------------------------------------------------------------------------
 
     def state_dict(self) -> Dict[str, Any]:
-        """Model, optimizer, scaler, step counters, statistics and RNG states. Take it between optimizer
-        steps (a partly accumulated gradient is not saved)."""
+        """Model, optimizer, scaler, step counters, statistics and RNG states, at any point: taken between
+        the micro-batches of an accumulation window, it also holds what the window has accumulated (the
+        gradients, the loss so far, the tokens), so that training resumes bit-identically. Under
+        DDP, the gradients of a window's earlier micro-batches are this rank's own (not yet reduced)."""
         rng: Dict[str, Any] = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        window = None
+        if self._micro_step:
+            window = {
+                "grads": {name: None if p.grad is None else p.grad.detach().clone()
+                          for name, p in self.model.named_parameters()},
+                "loss": None if self._window_loss is None else self._window_loss.detach().clone(),
+                "tokens": self._window_tokens,
+            }
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -417,6 +483,7 @@ class FusedMixedPrecisionTrainer:
             "statistics": self.history.read(),
             "precision": self.precision,
             "rng": rng,
+            "window": window,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -425,12 +492,30 @@ class FusedMixedPrecisionTrainer:
             raise ValueError(
                 f"checkpoint was trained with precision {state['precision']!r}, this trainer uses {self.precision!r}"
             )
+        # Everything that can refuse the checkpoint is checked before anything is restored.
+        micro_step, window = int(state.get("micro_step", 0)), state.get("window")
+        if micro_step and window is None:
+            raise ValueError(
+                f"checkpoint was taken after micro-batch {micro_step} of an accumulation window but holds no "
+                "accumulated gradients (an older format); resume from a checkpoint taken at a window boundary"
+            )
+        if window is not None and set(window["grads"]) != {n for n, _ in self.model.named_parameters()}:
+            raise ValueError("checkpoint's accumulated gradients do not match this model's parameters")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self._micro_step = int(state.get("micro_step", 0))
+        if window is not None:
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, grad in window["grads"].items():
+                    params[name].grad = None if grad is None else grad.to(params[name].device).clone()
+            self._window_loss = None if window["loss"] is None else window["loss"].to(self.device)
+            self._window_tokens = int(window["tokens"])
+            self._window_start = self._timer.start()  # the window's time before the checkpoint is not known
+            self._window_batches = []
         self._reset_history(state.get("statistics", {}))
         rng = state.get("rng", {})
         if "cpu" in rng:

@@ -387,6 +387,16 @@ def test_scale_rounds_once(impl, dtype, device):
     assert_bitwise_equal(ours, expected)
 
 
+def test_scale_by_exactly_one_writes_nothing(impl, device):
+    # A signaling NaN comes out of any multiplication quieted: only a pass that writes nothing keeps it.
+    signaling = torch.tensor([0x7F800001, 0x3F800000], dtype=torch.int32).view(torch.float32)
+    tensors = [signaling.to(device)] + make_grads([65537], device=device)
+    before = clone_all(tensors)
+    impl.scale_(tensors, torch.ones(1, device=device))
+    for t, b in zip(tensors, before):
+        assert torch.equal(t.view(torch.int32), b.view(torch.int32))
+
+
 def test_scale_does_nothing_when_found_inf_set(impl, device):
     tensors = make_grads([65537, 3], device=device) + make_grads([9], torch.float16, device=device)
     tensors[0][5] = math.nan

@@ -160,8 +160,9 @@ def test_resumed_run_continues_bit_identically(precision, fused):
         model = tiny_model(seed)
         # Overflows exercise the scaler state; bf16 has no scaler to skip them.
         injector = InfInjector(model.embedding.weight, on_calls={2, 6} if precision == "fp16" else ())
+        # The injector counts its calls, and a diagnosis replay calls it too: diagnoses are tested elsewhere.
         trainer = FusedMixedPrecisionTrainer(model, adamw(model, fused), precision=precision, init_scale=2.0**10,
-                                             growth_interval=3, hysteresis=2)
+                                             growth_interval=3, hysteresis=2, diagnose_overflows=False)
         return trainer, injector
 
     straight, _ = make()
@@ -213,10 +214,16 @@ def test_no_host_reads_per_step_with_a_fused_optimizer():
 
 def test_loss_scaling_options():
     model = tiny_model()
-    assert not FusedMixedPrecisionTrainer(model, adamw(model), precision="bf16").scaler.is_enabled()
-    assert not FusedMixedPrecisionTrainer(model, adamw(model), precision="32-true").scaler.is_enabled()
+    for precision in ("bf16", "32-true"):
+        # No loss scaling; the non-finite guard is a scaler pinned at 1 unless switched off.
+        guarded = FusedMixedPrecisionTrainer(model, adamw(model), precision=precision)
+        assert guarded.loss_scaling == "none" and guarded.skip_nonfinite and guarded.scaler.get_scale() == 1.0
+        assert (guarded.scaler.get_min_scale(), guarded.scaler.get_max_scale()) == (1.0, 1.0)
+        stock = FusedMixedPrecisionTrainer(model, adamw(model), precision=precision, skip_nonfinite=False)
+        assert not stock.scaler.is_enabled() and not stock.skip_nonfinite
     assert FusedMixedPrecisionTrainer(model, adamw(model), precision="bf16", scale_loss=True).scaler.is_enabled()
-    assert not FusedMixedPrecisionTrainer(model, adamw(model), precision="fp16", loss_scaling=None).scaler.is_enabled()
+    unscaled = FusedMixedPrecisionTrainer(model, adamw(model), precision="fp16", loss_scaling=None)
+    assert unscaled.loss_scaling == "none" and unscaled.scaler.get_scale() == 1.0  # the guard still skips inf/nan
     with pytest.raises(ValueError, match="loss_scaling"):
         FusedMixedPrecisionTrainer(model, adamw(model), loss_scaling="sometimes")
     with pytest.raises(ValueError, match="accumulation_steps"):
@@ -298,7 +305,8 @@ def test_dashboard_is_a_png_with_or_without_a_comparison(tmp_path):
     trainer = FusedMixedPrecisionTrainer(model, adamw(model), precision="fp16")
     trainer.fit(batches(model, 4), 4, progress=False)
     alone = trainer.plot_dashboard(str(tmp_path / "alone.png"))
-    other = FusedMixedPrecisionTrainer(tiny_model(), adamw(tiny_model()), precision="bf16")
+    other_model = tiny_model()
+    other = FusedMixedPrecisionTrainer(other_model, adamw(other_model), precision="bf16")
     both = plot_dashboard(str(tmp_path / "both.png"),
                           {"fp16": trainer.get_training_statistics(), "bf16": other.fit(batches(model, 4), 4, progress=False)})
     for path in (alone, both):
@@ -311,3 +319,148 @@ def test_the_trainer_uses_fastamps_scaler():
     trainer = FusedMixedPrecisionTrainer(model, adamw(model), precision="fp16", hysteresis=3, min_scale=4.0)
     assert isinstance(trainer.scaler, GradScaler)
     assert trainer.scaler.get_hysteresis() == 3 and trainer.scaler.get_min_scale() == 4.0
+
+
+class NaNInjector(InfInjector):
+    """Writes NaN into one element of a parameter's grad on chosen calls."""
+
+    def __call__(self, grad):
+        call, self.calls = self.calls, self.calls + 1
+        if call in self.on_calls:
+            grad = grad.clone()
+            grad.view(-1)[0] = math.nan
+        return grad
+
+
+def _optimizer_state(trainer):
+    return copy.deepcopy(trainer.optimizer.state_dict()["state"])
+
+
+def _assert_states_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        for name, value in a[k].items():
+            assert torch.equal(b[k][name], value), (k, name)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_nonfinite_guard_skips_a_nan_step_without_a_scaler(precision, fused):
+    model = tiny_model()
+    target = "layers.0.feedforward.0.weight"
+    NaNInjector(dict(model.named_parameters())[target], on_calls={2})
+    trainer = FusedMixedPrecisionTrainer(model, adamw(model, fused), precision=precision)
+    data = batches(model, 5)
+    for step, batch in enumerate(data):
+        before, state = params_of(model), _optimizer_state(trainer)
+        result = trainer.train_step(batch)
+        assert result["skipped"] is (step == 2)
+        if step == 2:
+            for a, b in zip(params_of(model), before):
+                assert torch.equal(a, b)
+            _assert_states_equal(state, _optimizer_state(trainer))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    stats = trainer.get_training_statistics()
+    assert stats["overflow_step_indices"] == [2] and stats["skip_nonfinite"] and stats["scale_values"] == [1.0] * 5
+    (diagnosis,) = trainer.overflow_diagnoses
+    # The injector fires in the replay too (call 3 is not in on_calls): the replay is clean, and says so.
+    assert diagnosis.step == 2 and stats["overflow_diagnoses"][0]["step"] == 2
+
+
+def test_without_the_guard_one_nan_gradient_ruins_the_weights():
+    model = tiny_model()
+    NaNInjector(model.embedding.weight, on_calls={1})
+    trainer = FusedMixedPrecisionTrainer(model, adamw(model), precision="bf16", skip_nonfinite=False)
+    stats = trainer.fit(batches(model, 4), 4, progress=False)
+    assert not torch.isfinite(model.embedding.weight).all()
+    assert stats["overflow_steps"] == 0 and math.isnan(stats["loss_values"][-1])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_skipped_steps_are_diagnosed_by_module(fused):
+    model = tiny_model()
+    name = "layers.0.feedforward.0"
+    module = dict(model.named_modules())[name]
+    # The culprit follows the data (batch 3 is marked), as a real one does, so that a later replay sees it.
+    data = batches(model, 6)
+    for i, b in enumerate(data):
+        b["input_ids"][0, 0] = 7 if i == 3 else 8
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: setattr(module, "amplify", bool(kwargs["input_ids"][0, 0] == 7)), with_kwargs=True)
+    module.register_forward_hook(lambda m, i, out: out * 1e6 if m.amplify else None)
+    trainer = FusedMixedPrecisionTrainer(model, adamw(model, fused), precision="fp16", init_scale=2.0**8)
+    host_reads_at_step = []
+    for batch in data:
+        trainer.train_step(batch)
+        host_reads_at_step.append(len(trainer.overflow_diagnoses))
+    # Non-fused: the step read the flag and was diagnosed at once; fused: only when the flags are read.
+    assert host_reads_at_step[3] == (0 if fused else 1)
+    stats = trainer.get_training_statistics()
+    assert stats["overflow_step_indices"] == [3]
+    (diagnosis,) = trainer.overflow_diagnoses
+    assert diagnosis.found and diagnosis.step == 3 and diagnosis.phase == "forward"
+    assert diagnosis.module == name and diagnosis.replayed_at_step == (6 if fused else 4)
+
+
+def test_no_overflow_no_diagnosis_and_no_host_reads():
+    model = tiny_model()
+    opt = adamw(model, True)
+    trainer = FusedMixedPrecisionTrainer(model, opt, precision="fp16")
+    counter = HostReads()
+    counter.exclude(opt)
+    with counter:
+        for b in batches(model, 4):
+            trainer.train_step(b)
+    assert counter.count == 0 and trainer.overflow_diagnoses == []
+
+
+def test_a_stuck_run_warns_once():
+    from fastamp import TrainingStuckWarning
+
+    model = tiny_model()
+    InfInjector(model.embedding.weight, on_calls=range(100))  # every backward, replays included
+    trainer = FusedMixedPrecisionTrainer(model, adamw(model, False), precision="fp16", stuck_after=3)
+    with pytest.warns(TrainingStuckWarning, match="3 consecutive"):
+        trainer.fit(batches(model, 5), 5, progress=False)
+
+
+def test_a_checkpoint_between_micro_batches_resumes_bit_identically():
+    data = batches(tiny_model(), 20, batch_size=4)
+
+    def make(seed=0):
+        model = tiny_model(seed)
+        return FusedMixedPrecisionTrainer(model, adamw(model), precision="fp16", accumulation_steps=2)
+
+    straight = make()
+    for b in data:
+        straight.train_step(b)
+    first = make()
+    for b in data[:11]:  # half-way through window 6
+        first.train_step(b)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = make(seed=1)
+    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    for b in data[11:]:
+        resumed.train_step(b)
+    for a, b in zip(params_of(straight.model), params_of(resumed.model)):
+        assert torch.equal(a, b)
+    s, r = straight.get_training_statistics(), resumed.get_training_statistics()
+    for key in ["loss_values", "scale_values", "skipped", "gradient_norms", "tokens"]:
+        assert s[key] == r[key], key
+
+
+def test_a_checkpoint_without_the_window_is_refused_before_anything_changes():
+    model = tiny_model()
+    trainer = FusedMixedPrecisionTrainer(model, adamw(model), precision="fp16", accumulation_steps=2)
+    trainer.train_step(batches(model, 1)[0])
+    state = trainer.state_dict()
+    state["window"] = None
+    fresh_model = tiny_model(seed=1)
+    fresh = FusedMixedPrecisionTrainer(fresh_model, adamw(fresh_model), precision="fp16", accumulation_steps=2)
+    before = params_of(fresh_model)
+    with pytest.raises(ValueError, match="accumulation window"):
+        fresh.load_state_dict(state)
+    for a, b in zip(params_of(fresh_model), before):
+        assert torch.equal(a, b)

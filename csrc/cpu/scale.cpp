@@ -1,5 +1,5 @@
 // scale_: t *= factor in place, skipped entirely when found_inf is set (the step will be skipped, so
-// the tensors must stay bit-identical).
+// the tensors must stay bit-identical) or when the factor is exactly 1.
 #include "kernels.h"
 #include "multi_tensor_cpu.h"
 #include "simd.h"
@@ -29,7 +29,9 @@ struct ScaleOp {
 
 void scale_(at::TensorList tensors, const at::Tensor& factor, const std::optional<at::Tensor>& found_inf) {
   if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;
-  multi_tensor_apply(tensors, ScaleOp{factor.item<double>()});
+  const double f = factor.item<double>();
+  if (f == 1.0) return;  // nothing to multiply: no pass over the tensors, and every bit (NaN payloads) kept
+  multi_tensor_apply(tensors, ScaleOp{f});
 }
 
 }  // namespace fastamp::cpu

@@ -1,5 +1,5 @@
-// scale_ on CUDA: t *= factor in place; every block returns at once when found_inf is set, so an
-// overflow step leaves the tensors bit-identical and costs almost nothing.
+// scale_ on CUDA: t *= factor in place; every block returns at once when found_inf is set (an overflow
+// step leaves the tensors bit-identical and costs almost nothing) or when the factor is exactly 1.
 #include "multi_tensor_apply.cuh"
 
 namespace fastamp::cuda {
@@ -12,7 +12,8 @@ struct ScaleOp {
 
   template <typename T>
   __device__ void run(T* data, int64_t count, int64_t) const {
-    if (found_inf != nullptr && *found_inf != 0.0f) return;
+    // Skipped on an overflow, and a factor of exactly 1 (unscale at scale 1, no clip) writes nothing.
+    if ((found_inf != nullptr && *found_inf != 0.0f) || *factor == 1.0f) return;
     const Scale<T> scale{static_cast<opmath_t<T>>(*factor)};
     auto f = [&](T t) { return scale(t); };
     for_each_element<true>(data, count, f);

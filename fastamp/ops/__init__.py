@@ -124,7 +124,8 @@ def clip_coef(total_norm: Tensor, max_norm: float, eps: float = 1e-6) -> Tensor:
 
 
 def scale_(tensors: Sequence[Tensor], factor: Tensor, found_inf: Optional[Tensor] = None) -> None:
-    """``t *= factor`` in place (fp32 math, rounded once), doing nothing at all if ``found_inf`` is set.
+    """``t *= factor`` in place (fp32 math, rounded once), doing nothing at all if ``found_inf`` is set
+    or ``factor`` is exactly 1 (so unscaling at scale 1 without a clip costs no pass and keeps every bit).
 
     With ``factor = inv_scale * clip_coef`` this unscales and clips in one write pass; on an overflow
     step the tensors stay bit-identical.

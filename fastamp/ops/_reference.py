@@ -249,14 +249,15 @@ def clip_coef(total_norm: Tensor, max_norm: float, eps: float = 1e-6) -> Tensor:
 
 
 def scale_(tensors: Sequence[Tensor], factor: Tensor, found_inf: Optional[Tensor] = None) -> None:
-    """Reference for :func:`fastamp.ops.scale_`: t *= factor unless found_inf is set."""
+    """Reference for :func:`fastamp.ops.scale_`: t *= factor unless found_inf is set or factor is 1."""
     validate_scale(tensors, factor, found_inf)
+    keep = factor.reshape(()) == 1
+    if found_inf is not None:
+        keep = keep | (found_inf.reshape(()) != 0)
     for t in tensors:
         a = _opmath(t.dtype)
         scaled = (t.to(a) * factor.reshape(()).to(a)).to(t.dtype)
-        if found_inf is not None:
-            scaled = torch.where(found_inf.reshape(()) != 0, t, scaled)
-        t.copy_(scaled)
+        t.copy_(torch.where(keep, t, scaled))
 
 
 def update_scale_(
