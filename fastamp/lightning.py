@@ -13,9 +13,10 @@ clip). Needs ``lightning`` (``pip install fastamp[lightning]``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -30,6 +31,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("fastamp.lightning needs Lightning: pip install 'fastamp[lightning]'") from e
 
 from . import ops
+from .batch import LossFn
+from .forensics import OverflowDiagnosis, OverflowWatch, diagnose_overflow
 from .grad_scaler import GradScaler, OptState
 from .gradients import clip_gradients, grads_by_device
 from .metrics import memory_mb
@@ -52,10 +55,14 @@ class FusedMixedPrecision(MixedPrecision):
     """Lightning's ``MixedPrecision`` plugin on :class:`fastamp.GradScaler` and fused clipping.
 
     Args:
-        precision: ``"16-mixed"`` (loss scaling) or ``"bf16-mixed"`` (none).
+        precision: ``"16-mixed"`` (loss scaling), ``"bf16-mixed"`` or ``"32-true"`` (no scaling, no autocast).
         device: the autocast device type, ``"cuda"`` or ``"cpu"``.
         scaler: a :class:`fastamp.GradScaler` (or ``torch.amp.GradScaler``) to use; by default a
             ``fastamp.GradScaler`` for 16-mixed built with ``scaler_kwargs``.
+        skip_nonfinite: for ``"bf16-mixed"`` and ``"32-true"``: skip, on the device, an optimizer step
+            whose gradients hold inf/nan (parameters and optimizer state untouched), as 16-mixed does. Off
+            by default, so that the plugin stays a drop-in for the stock one. The check is the norm pass
+            of the clip (or, without a clip, one read of the gradients); nothing is written unless clipping.
         **scaler_kwargs: passed to :class:`fastamp.GradScaler` (``init_scale``, ``growth_interval``,
             ``hysteresis``, ``min_scale``, ...).
 
@@ -72,11 +79,21 @@ class FusedMixedPrecision(MixedPrecision):
         precision: str = "16-mixed",
         device: str = "cuda",
         scaler: Optional[torch.amp.GradScaler] = None,
+        *,
+        skip_nonfinite: bool = False,
         **scaler_kwargs: Any,
     ) -> None:
+        if precision not in ("16-mixed", "bf16-mixed", "32-true"):
+            raise ValueError(f"FusedMixedPrecision(precision={precision!r}): use '16-mixed', 'bf16-mixed' or '32-true'")
         if scaler is None and precision == "16-mixed":
             scaler = GradScaler(device, **scaler_kwargs)
-        super().__init__(precision, device, scaler)
+        # Lightning's plugin knows only the two mixed precisions; 32-true is bf16-mixed without autocast.
+        super().__init__("bf16-mixed" if precision == "32-true" else precision, device, scaler)
+        self.precision = precision
+        self.skip_nonfinite = bool(skip_nonfinite) and precision != "16-mixed"
+        if self.skip_nonfinite:
+            # The guard: a scaler pinned at 1, so that the clip's norm pass also decides the skip.
+            self.scaler = GradScaler(device, init_scale=1.0, growth_interval=2**30, min_scale=1.0, max_scale=1.0)
         self.last_grad_norm: Optional[Tensor] = None  # device tensor, before clipping
         self.last_optimizer_time: Optional[float] = None  # seconds, host clock around the optimizer phase
         self._phase_start: Optional[float] = None
@@ -102,7 +119,9 @@ class FusedMixedPrecision(MixedPrecision):
         closure_result = closure()
         self._phase_start = time.perf_counter()
         skip_unscaling = closure_result is None and model.automatic_optimization
-        if not skip_unscaling and not _handles_unscaling(optimizer) and self._stage(optimizer) in (None, OptState.READY):
+        # The guard's scale is 1: nothing to unscale, and its check comes with the clip's norm (or the step).
+        unscale_first = not self.skip_nonfinite and not _handles_unscaling(optimizer)
+        if not skip_unscaling and unscale_first and self._stage(optimizer) in (None, OptState.READY):
             # Unscaled before on_before_optimizer_step, as the stock plugin does (one fused pass here).
             self.scaler.unscale_(_unwrap(optimizer))
         self._after_closure(model, optimizer)
@@ -159,6 +178,14 @@ class FusedMixedPrecision(MixedPrecision):
             result.apply_(by_device, skip_on_found_inf=found_inf is not None)
         return result.total_norm
 
+    @contextlib.contextmanager
+    def forward_context(self) -> Iterator[None]:
+        if self.precision == "32-true":
+            yield
+            return
+        with self.autocast_context_manager():
+            yield
+
     # ---- checkpoints: compatible with the stock plugin both ways -----------------------------------
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
@@ -168,7 +195,8 @@ class FusedMixedPrecision(MixedPrecision):
             checkpoint[_STOCK_KEY] = state
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        if type(self).__qualname__ not in checkpoint and _STOCK_KEY in checkpoint:
+        # An empty state is a stock bf16 plugin's (no scaler): the guard then starts afresh.
+        if type(self).__qualname__ not in checkpoint and checkpoint.get(_STOCK_KEY):
             self.load_state_dict(checkpoint[_STOCK_KEY])
 
 
@@ -191,13 +219,32 @@ class AMPMonitor(Callback):
     (CUDA allocated or process RSS). On an overflow the names of the parameters with nan/inf gradients
     and their counts are logged as a warning and kept in :attr:`overflow_reports`: for every overflow
     when the optimizer is not fused (its step reads the flag anyway), at the logging steps otherwise.
+
+    With ``loss_fn`` (``loss_fn(pl_module, batch) -> loss``), the batch of a skipped step is also replayed
+    by :func:`fastamp.diagnose_overflow` (the first overflow, then at most one every ``diagnose_every``
+    steps) and the reports kept in :attr:`overflow_diagnoses`: it names the module where the first
+    non-finite value arose. It is opt-in because the only loss Lightning knows comes from
+    ``training_step``, which may log, count, or (manual optimization) step optimizers, and must not run
+    twice. Either way it warns once (:class:`fastamp.TrainingStuckWarning`) after ``stuck_after``
+    consecutive skipped steps, or when a step is skipped with the scale at its ``min_scale``.
     """
 
-    def __init__(self, log_every_n_steps: int = 50) -> None:
+    def __init__(self, log_every_n_steps: int = 50, *, loss_fn: Optional[LossFn] = None, diagnose_every: int = 100,
+                 stuck_after: int = 20) -> None:
         super().__init__()
         self.log_every_n_steps = int(log_every_n_steps)
+        self.loss_fn = loss_fn
         self.overflow_reports: List[Tuple[int, List[ops.NonFiniteRecord]]] = []
+        self.overflow_diagnoses: List[OverflowDiagnosis] = []
         self.logged: List[Dict[str, float]] = []
+        self._diagnose_every, self._stuck_after = int(diagnose_every), int(stuck_after)
+        self._watch: Optional[OverflowWatch] = None
+        self._scale_before_step: Optional[Tensor] = None
+
+    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
+        scaler = self._scaler(trainer)
+        live = scaler.get_scale_tensor() if scaler is not None else None
+        self._scale_before_step = live.clone() if live is not None else None  # on the device: no sync
 
     @staticmethod
     def _scaler(trainer: "pl.Trainer") -> Optional[GradScaler]:
@@ -213,6 +260,8 @@ class AMPMonitor(Callback):
             skipped = scaler.last_step_skipped_if_known()
             if skipped is None and log_now:
                 skipped = scaler.last_step_skipped()
+            if skipped is not None:
+                self._observe(trainer, pl_module, scaler, batch, step, skipped)
             if skipped and (not self.overflow_reports or self.overflow_reports[-1][0] != step):
                 report = scaler.overflow_report(pl_module)
                 self.overflow_reports.append((step, report))
@@ -234,3 +283,19 @@ class AMPMonitor(Callback):
             values["amp/optimizer_ms"] = optimizer_time * 1e3
         self.logged.append({"step": float(step), **values})
         pl_module.log_dict(values, on_step=True, on_epoch=False)
+
+    def _observe(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", scaler: GradScaler, batch: Any,
+                 step: int, skipped: bool) -> None:
+        """One step's outcome, known on the host: the stuck warning, and the diagnosis of a skipped step."""
+        if self._watch is None:
+            self._watch = OverflowWatch(self._diagnose_every, self._stuck_after, min_scale=scaler.get_min_scale())
+        if self._scale_before_step is None or trainer.global_step == 0:
+            return
+        scale = float(self._scale_before_step) if skipped else None  # read only when skipped
+        if not self._watch.observe(step - 1, skipped, scale) or self.loss_fn is None:
+            return
+        report = diagnose_overflow(pl_module, batch, loss_fn=self.loss_fn, precision=str(trainer.precision_plugin.precision),
+                                   loss_scale=scale, device=pl_module.device)
+        report.step, report.replayed_at_step = step - 1, step
+        self.overflow_diagnoses.append(report)
+        _log.warning("fastamp: %s", report)

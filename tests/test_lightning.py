@@ -144,8 +144,11 @@ def test_plugin_arguments():
     assert FusedMixedPrecision("bf16-mixed", "cpu").scaler is None
     plugin = FusedMixedPrecision("16-mixed", "cpu", hysteresis=2, min_scale=8.0)
     assert plugin.scaler.get_hysteresis() == 2 and plugin.scaler.get_min_scale() == 8.0
-    with pytest.raises(ValueError, match="Precision must be"):
-        FusedMixedPrecision("32-true", "cpu")
+    with pytest.raises(ValueError, match="use '16-mixed', 'bf16-mixed' or '32-true'"):
+        FusedMixedPrecision("fp8", "cpu")
+    assert FusedMixedPrecision("32-true", "cpu").scaler is None  # a drop-in: no guard unless asked
+    guard = FusedMixedPrecision("bf16-mixed", "cpu", skip_nonfinite=True)
+    assert guard.scaler.get_scale() == 1.0 and guard.scaler.get_max_scale() == 1.0
 
 
 def test_another_scaler_with_a_fused_optimizer_refuses_to_clip_scaled_gradients():
@@ -185,3 +188,52 @@ def test_checkpoints_carry_the_scaler_state_once(tmp_path):
     checkpoint = torch.load(path, weights_only=False)
     assert "MixedPrecision" in checkpoint and "FusedMixedPrecision" not in checkpoint
     assert checkpoint["MixedPrecision"]["scale"] == trainer.precision_plugin.scaler.get_scale()
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_nonfinite_guard_skips_without_a_loss_scaler(precision, fused):
+    guarded = Regression(fused=fused, inject_at={3})
+    plugin = FusedMixedPrecision(precision, "cpu", skip_nonfinite=True)
+    fit(guarded, plugin, max_steps=8)
+    assert all(torch.isfinite(p).all() for p in guarded.parameters())
+    counts = plugin.scaler.step_counts()
+    assert (counts["steps"], counts["skipped"]) == (8, 1)
+    stock = Regression(fused=fused, inject_at={3})
+    fit(stock, FusedMixedPrecision(precision, "cpu"), max_steps=8)
+    assert not all(torch.isfinite(p).all() for p in stock.parameters())
+
+
+def test_32_true_runs_without_autocast():
+    module = Regression()
+    seen = []
+    module.net[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    fit(module, FusedMixedPrecision("32-true", "cpu", skip_nonfinite=True), max_steps=2)
+    assert seen == [torch.float32, torch.float32]
+
+
+def _regression_loss(module, batch):
+    x, y = batch
+    return torch.nn.functional.mse_loss(module.net(x).float(), y)
+
+
+def test_amp_monitor_diagnoses_the_skipped_batch_and_warns_when_stuck():
+    module = Regression()
+    # The culprit follows the data: the 4th batch carries a marker that makes net.0 amplify its output.
+    module.net[0].register_forward_hook(lambda m, inputs, out: out * 1e5 if inputs[0].abs().max() > 100 else None)
+    loader = data()
+    x, y = loader.dataset.tensors
+    x[3 * 8, 0] = 1e3
+    monitor = AMPMonitor(log_every_n_steps=100, loss_fn=_regression_loss)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=6, plugins=[FusedMixedPrecision("16-mixed", "cpu")],
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[monitor])
+    trainer.fit(module, loader)
+    (report,) = monitor.overflow_diagnoses
+    assert report.found and report.step == 3 and (report.phase, report.module) == ("forward", "net.0")
+
+    from fastamp import TrainingStuckWarning
+
+    stuck = Regression(inject_at=range(100))
+    with pytest.warns(TrainingStuckWarning, match="3 consecutive"):
+        fit(stuck, FusedMixedPrecision("16-mixed", "cpu"), max_steps=5, callbacks=[AMPMonitor(stuck_after=3)])
