@@ -148,7 +148,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(device=args.device, precision=args.precision, steps=args.steps, size=args.size, out=args.out,
-             optimizer=args.optimizer, seed=args.seed, progress=not args.no_progress)
+             optimizer=args.optimizer, seed=args.seed, progress=not args.no_progress,
+             inject_at=None if args.no_inject else args.inject_at)
     return 0
 
 
@@ -210,6 +211,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="fastamp-demo", help="directory for results.json and dashboard.png")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--inject-at", type=int, default=-1, metavar="STEP",
+                      help="plant one bad gradient (nan in bf16/fp32, inf in fp16) at this step in both runs "
+                           "(default: a third of the way in)")
+    demo.add_argument("--no-inject", action="store_true", help="train without the planted gradient")
     demo.set_defaults(func=_demo)
     from .bench import DTYPES, OPS, WORKLOADS
 

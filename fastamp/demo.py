@@ -29,6 +29,28 @@ __all__ = ["default_precision", "run_demo", "stock_amp_loop"]
 DEMO_BATCH = {"tiny": (8, 32), "small": (4, 32), "base": (4, 64)}  # (batch size, sequence length)
 DEMO_TOKENS = 256  # token ids the synthetic task uses: learnable within the demo's steps
 MAX_GRAD_NORM = 1.0
+INJECT_PARAMETER = "layers.0.feedforward.0.weight"  # where the demo plants its bad gradient
+
+
+class GradientInjector:
+    """Plants one bad gradient: a nan (bf16, fp32: the value no scaler catches) or an inf (fp16: an
+    overflow) in one element of a parameter's gradient, whenever the model runs on ``batch``. It follows
+    the data, not a call count, so a replay of that batch (the trainer's diagnosis) meets it too."""
+
+    def __init__(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor], value: float,
+                 parameter: str = INJECT_PARAMETER) -> None:
+        self.value, self.parameter, self.armed = value, parameter, False
+        marker = batch["input_ids"]
+        model.register_forward_pre_hook(
+            lambda m, args, kwargs: setattr(self, "armed", kwargs.get("input_ids") is marker), with_kwargs=True)
+        dict(model.named_parameters())[parameter].register_hook(self._inject)
+
+    def _inject(self, grad: torch.Tensor) -> torch.Tensor:
+        if not self.armed:
+            return grad
+        grad = grad.clone()
+        grad.view(-1)[0] = self.value
+        return grad
 
 
 def default_precision(device: torch.device) -> str:
@@ -74,9 +96,10 @@ def stock_amp_loop(
         scale = scaler._scale.clone() if scaler.is_enabled() else torch.ones((), device=device)
         scaler.update()
         optimizer_time = timer.stop(phase)
-        # The norm of the unscaled grads is non-finite exactly when a gradient was (or the sum overflowed,
-        # which the stock scaler does not skip: then the flag says so where the scaler did not).
-        found_inf = (~torch.isfinite(norm.detach())).float()
+        # With a scaler, the step was skipped exactly when a gradient was non-finite, i.e. when the norm of
+        # the unscaled grads is; without one (bf16, fp32) the stock loop skips nothing.
+        found_inf = ((~torch.isfinite(norm.detach())).float() if scaler.is_enabled()
+                     else torch.zeros((), device=device))
         history.record(loss=loss.detach().float(), grad_norm=norm.detach().float(), scale=scale,
                        found_inf=found_inf, step_time=timer.stop(start),
                        optimizer_time=optimizer_time, memory=memory_mb(device), tokens=batch["input_ids"].numel())
@@ -113,11 +136,17 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    inject_at: Optional[int] = -1,
 ) -> Dict[str, Any]:
     """Train the test transformer with stock AMP and with fastamp; print a side-by-side table and write
     ``results.json`` and ``dashboard.png`` (when matplotlib is installed) into ``out``. Returns the
     results dict. The first 3 steps of each run are left out of the timing (allocation, warm-up); peak
-    memory is CUDA's peak allocation on a GPU and the process's resident memory on CPU."""
+    memory is CUDA's peak allocation on a GPU and the process's resident memory on CPU.
+
+    ``inject_at``: the step (from 0) whose batch plants one bad gradient in both runs (see
+    :class:`GradientInjector`): in bf16/fp32 a nan, which the stock loop writes into its weights and
+    fastamp's guard skips; in fp16 an inf, an overflow both skip. ``-1`` (default): a third of the way
+    in; ``None``: no injection."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = normalize_precision(precision or default_precision(dev))
     if size not in MODEL_SIZES:
@@ -134,9 +163,21 @@ def run_demo(
     params = sum(p.numel() for p in initial.parameters())
     log(f"fastamp demo: {size} transformer ({params / 1e6:.1f}M parameters), {precision}, {steps} steps, "
         f"AdamW ({optimizer}), batch {batch_size}x{seq_len}, on {dev} ({_device_description(dev)})")
+    if inject_at == -1:
+        inject_at = steps // 3
+    if inject_at is not None and not 0 <= inject_at < steps:
+        raise ValueError(f"inject_at must be a step in [0, {steps}), got {inject_at}")
+    injected = None
+    if inject_at is not None:
+        value = math.inf if precision == "fp16" else math.nan
+        injected = {"step": inject_at, "parameter": INJECT_PARAMETER, "value": str(value)}
+        log(f"injecting one {value} gradient into {INJECT_PARAMETER} at step {inject_at} in both runs "
+            "(--no-inject to train without it)")
 
     def fresh():
         model = copy.deepcopy(initial)
+        if injected is not None:
+            GradientInjector(model, batches[inject_at], value)
         return model, _make_optimizer(model, optimizer)
 
     if dev.type == "cuda":
@@ -156,9 +197,13 @@ def run_demo(
     warmup = min(3, steps - 1)
     tokens_per_step = batch_size * seq_len
     rows = {"stock AMP": _summary(stock, warmup, tokens_per_step), "fastamp": _summary(fused, warmup, tokens_per_step)}
-    max_loss_diff = max(abs(a - b) for a, b in zip(stock["loss_values"], fused["loss_values"]))
-    table = _format_table(rows, max_loss_diff)
+    # Up to the injected step the two runs train the same model on the same data; after it, stock's is NaN.
+    compared = slice(0, inject_at + 1 if inject_at is not None else steps)
+    max_loss_diff = max(abs(a - b) for a, b in zip(stock["loss_values"][compared], fused["loss_values"][compared]))
+    table = _format_table(rows, max_loss_diff, "up to the injected step" if inject_at is not None else "")
     log(table)
+    for diagnosis in trainer.overflow_diagnoses:
+        log(f"fastamp diagnosis: {diagnosis}")
 
     results = {
         "config": {"device": str(dev), "device_name": _device_description(dev), "precision": precision,
@@ -166,6 +211,8 @@ def run_demo(
                    "seq_len": seq_len, "optimizer": f"AdamW({optimizer})", "max_grad_norm": MAX_GRAD_NORM,
                    "torch": torch.__version__, "timing_warmup_steps": warmup},
         "summary": rows,
+        "injected": injected,
+        "overflow_diagnoses": [d.to_dict() for d in trainer.overflow_diagnoses],
         "max_abs_loss_difference": max_loss_diff,
         "speedup_step": rows["fastamp"]["steps_per_second"] / rows["stock AMP"]["steps_per_second"],
         "speedup_optimizer_phase": rows["stock AMP"]["optimizer_phase_ms_median"]
@@ -200,7 +247,7 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-def _format_table(rows: Dict[str, Dict[str, float]], max_loss_diff: float) -> str:
+def _format_table(rows: Dict[str, Dict[str, float]], max_loss_diff: float, compared: str = "") -> str:
     lines = [
         f"{'':30} {'stock AMP':>14} {'fastamp':>14}",
         f"{'steps/s (median)':30} {rows['stock AMP']['steps_per_second']:14.2f} {rows['fastamp']['steps_per_second']:14.2f}",
@@ -210,6 +257,6 @@ def _format_table(rows: Dict[str, Dict[str, float]], max_loss_diff: float) -> st
         f"{'skipped steps':30} {rows['stock AMP']['skipped_steps']:14d} {rows['fastamp']['skipped_steps']:14d}",
         f"{'final loss':30} {rows['stock AMP']['final_loss']:14.4f} {rows['fastamp']['final_loss']:14.4f}",
         f"{'peak memory MB':30} {rows['stock AMP']['peak_memory_mb']:14.1f} {rows['fastamp']['peak_memory_mb']:14.1f}",
-        f"{'max |loss difference|':30} {max_loss_diff:14.3g}",
+        f"{'max |loss difference|':30} {max_loss_diff:14.3g}" + (f"  ({compared})" if compared else ""),
     ]
     return "\n".join(lines)

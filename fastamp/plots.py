@@ -21,7 +21,7 @@ def pyplot(feature: str) -> Any:
 
 
 def plot_dashboard(path: str, runs: Mapping[str, Mapping[str, Any]]) -> str:
-    """A 6-panel training dashboard as a PNG: loss; loss scale (log) with overflow markers; gradient
+    """A 6-panel training dashboard as a PNG: loss (skipped steps marked); loss scale (log) with overflow markers; gradient
     norm; step and optimizer-phase time; memory; and a comparison of the runs (mean step time,
     optimizer-phase time and final loss), e.g. fastamp vs stock or fp16 vs bf16.
 
@@ -34,7 +34,11 @@ def plot_dashboard(path: str, runs: Mapping[str, Mapping[str, Any]]) -> str:
     (ax_loss, ax_scale, ax_norm), (ax_time, ax_mem, ax_cmp) = axes
     for label, stats in runs.items():
         steps = list(range(1, len(stats.get("loss_values", [])) + 1))
-        ax_loss.plot(steps, stats.get("loss_values", []), label=label)
+        loss_line = ax_loss.plot(steps, stats.get("loss_values", []), label=label)[0]
+        skipped = [i for i in stats.get("overflow_step_indices", []) if i < len(stats.get("loss_values", []))]
+        if skipped:
+            ax_loss.scatter([i + 1 for i in skipped], [stats["loss_values"][i] for i in skipped], marker="x",
+                            color=loss_line.get_color(), zorder=3)
         scales = stats.get("scale_values", [])
         if scales:
             line = ax_scale.plot(steps[: len(scales)], scales, label=label)[0]
@@ -48,7 +52,7 @@ def plot_dashboard(path: str, runs: Mapping[str, Mapping[str, Any]]) -> str:
             ax_time.plot(steps, [t * 1e3 for t in stats["optimizer_times"]], linestyle="--",
                          label=f"{label} optimizer phase")
         ax_mem.plot(steps[: len(stats.get("memory_usage", []))], stats.get("memory_usage", []), label=label)
-    ax_loss.set(title="loss", xlabel="step")
+    ax_loss.set(title="loss (x: skipped step)", xlabel="step")
     ax_scale.set(title="loss scale (x: skipped step)", xlabel="step", yscale="log")
     ax_norm.set(title="gradient norm (unscaled, before clipping)", xlabel="step")
     ax_time.set(title="time per step (ms)", xlabel="step")

@@ -48,3 +48,33 @@ def test_defaults_and_errors(tmp_path):
         run_demo(device="cpu", size="huge", out=str(tmp_path))
     with pytest.raises(SystemExit):
         main(["demo", "--size", "huge"])
+
+
+def test_demo_injects_a_nan_gradient_that_ruins_stock_bf16_and_fastamp_skips(tmp_path):
+    lines = []
+    results = run_demo(device="cpu", precision="bf16", steps=8, size="tiny", out=str(tmp_path), progress=False,
+                       log=lines.append, inject_at=3)
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    assert saved["injected"]["step"] == 3 and saved["injected"]["value"] == "nan"
+    # Stock: the nan goes through the clip into every weight; the loss never recovers.
+    assert all(v is None for v in saved["stock"]["loss_values"][4:])  # NaN is written as null
+    assert saved["summary"]["stock AMP"]["skipped_steps"] == 0
+    # fastamp: that step is skipped, the others train, and the diagnosis names where the nan came from.
+    assert saved["fastamp"]["overflow_step_indices"] == [3] and saved["summary"]["fastamp"]["skipped_steps"] == 1
+    assert all(v is not None for v in saved["fastamp"]["loss_values"])
+    (diagnosis,) = saved["overflow_diagnoses"]
+    assert diagnosis["found"] and diagnosis["step"] == 3 and diagnosis["parameter"] == "layers.0.feedforward.0.weight"
+    assert any("fastamp diagnosis" in line and "layers.0.feedforward.0" in line for line in lines)
+    assert results["injected"]["parameter"] == "layers.0.feedforward.0.weight"
+
+
+def test_demo_without_injection_skips_nothing(tmp_path, capsys):
+    assert main(["demo", "--device", "cpu", "--steps", "3", "--size", "tiny", "--out", str(tmp_path),
+                 "--no-progress", "--no-inject"]) == 0
+    assert "injecting" not in capsys.readouterr().out
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    assert saved["injected"] is None and saved["fastamp"]["overflow_step_indices"] == []
+    with pytest.raises(ValueError, match="inject_at"):
+        run_demo(device="cpu", steps=3, size="tiny", out=str(tmp_path), inject_at=3)
