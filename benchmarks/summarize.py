@@ -1,7 +1,8 @@
 """Renders benchmark result files as Markdown; the README's performance section comes from here.
 
     python benchmarks/summarize.py benchmarks/results/*.json            # print tables
-    python benchmarks/summarize.py --readme README.md benchmarks/results/cpu-*.json   # update README
+    python benchmarks/summarize.py --readme README.md benchmarks/results/fastamp-bench-*.json \
+        benchmarks/results/guard-*.json                                               # update README
 
 Reads both formats: ``fastamp bench --json`` output ({"environment", "results"}) and pytest-benchmark
 JSON. In the README, the block between ``<!-- results:begin -->`` and ``<!-- results:end -->`` is
@@ -71,7 +72,7 @@ def render_pytest_benchmark(path: str, data: Dict[str, Any]) -> str:
         f"`{path}` (pytest-benchmark): {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
         f"commit {data.get('commit_info', {}).get('id', '?')[:10]}",
         "",
-        "| group | case | median ms | p20–p80 ms | GB/s | vs stock |",
+        "| group | case | median ms | p20–p80 ms | GB/s | vs baseline |",
         "|---|---|---:|---:|---:|---:|",
     ]
     groups: Dict[str, List[Dict[str, Any]]] = {}
@@ -110,12 +111,16 @@ def render(paths: Sequence[str]) -> str:
 
 
 def render_readme_block(paths: Sequence[str]) -> str:
-    """What the README holds between the markers, from fastamp-bench result files."""
+    """What the README holds between the markers: for each fastamp-bench result file the GPT-2-small
+    detail and the speedup matrix; pytest-benchmark files (the guard benchmark) in full."""
     blocks = []
     for path in paths:
         report = _load(path)
-        blocks.append(render_fastamp_bench(path, report, detail_only=True))
-        blocks.append(render_speedup_matrix(report))
+        if "environment" in report:
+            blocks.append(render_fastamp_bench(path, report, detail_only=True))
+            blocks.append(render_speedup_matrix(report))
+        else:
+            blocks.append(render_pytest_benchmark(path, report))
     return "\n\n".join(blocks)
 
 

@@ -294,8 +294,12 @@ class AMPMonitor(Callback):
         scale = float(self._scale_before_step) if skipped else None  # read only when skipped
         if not self._watch.observe(step - 1, skipped, scale) or self.loss_fn is None:
             return
-        report = diagnose_overflow(pl_module, batch, loss_fn=self.loss_fn, precision=str(trainer.precision_plugin.precision),
-                                   loss_scale=scale, device=pl_module.device)
+        precision = str(trainer.precision_plugin.precision)
+        try:
+            report = diagnose_overflow(pl_module, batch, loss_fn=self.loss_fn, precision=precision, loss_scale=scale,
+                                       device=pl_module.device)
+        except Exception as e:  # a diagnosis must not end the run it diagnoses; the model is restored
+            report = OverflowDiagnosis(found=False, precision=precision, notes=[f"the replay raised {e!r}"])
         report.step, report.replayed_at_step = step - 1, step
         self.overflow_diagnoses.append(report)
         _log.warning("fastamp: %s", report)

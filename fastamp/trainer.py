@@ -356,13 +356,18 @@ class FusedMixedPrecisionTrainer:
         report = None
         for batch in batches:
             # The trainer's backward runs at scale / accumulation_steps (the loss is a window's share).
-            report = diagnose_overflow(model, batch, loss_fn=self.loss_fn, precision=self.precision,
-                                       loss_scale=scale / self.accumulation_steps, device=self.device)
+            try:
+                report = diagnose_overflow(model, batch, loss_fn=self.loss_fn, precision=self.precision,
+                                           loss_scale=scale / self.accumulation_steps, device=self.device)
+            except Exception as e:  # a diagnosis must not end the run it diagnoses; the model is restored
+                report = OverflowDiagnosis(found=False, precision=self.precision, loss_scale=scale,
+                                           notes=[f"the replay raised {type(e).__name__}: {e}"])
+                break
             if report.found:
                 break
         assert report is not None
         report.step, report.replayed_at_step = step, self.step
-        if not report.found:
+        if not report.found and not report.notes:
             report.notes.append("the overflow did not recur when the batch was replayed (dropout, or data that "
                                 "changed since); the step was skipped all the same")
         if step != self.step - 1:

@@ -809,3 +809,54 @@ def test_host_reads_per_step():
 
 def test_exported_from_the_package():
     assert fastamp.GradScaler is GradScaler and "GradScaler" in fastamp.__all__
+
+
+class FastampOpCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the fastamp ops that run (each multi-tensor op is one pass over the gradients)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: List[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastamp":
+            self.calls.append(func._opname)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("clip", [False, True])
+def test_a_scaler_pinned_at_one_is_the_nonfinite_guard_of_a_bf16_loop_in_one_read(fused, clip):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused or None, foreach=None if fused else True)
+    guard = GradScaler("cpu", init_scale=1.0, min_scale=1.0, max_scale=1.0)
+    x = torch.randn(8, 16)
+    for step in range(4):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x).float().pow(2).mean()
+        guard.scale(loss).backward()
+        if step == 2:
+            model[2].weight.grad[0, 0] = math.nan
+        before = [p.detach().clone() for p in model.parameters()]
+        state = copy.deepcopy(opt.state_dict()["state"])
+        counter = FastampOpCalls()
+        with counter:
+            if clip:
+                guard.clip_grad_norm_(opt, 0.5)
+            guard.step(opt)
+            guard.update()
+        # One pass over the gradients to decide (the clip's norm, or the check), and one write only where a
+        # clip rescales a non-fused optimizer's gradients (fused ones take the factor in their step).
+        passes = [c for c in counter.calls if c in ("grad_norm", "unscale_check_", "unscale_check_norm_", "scale_")]
+        assert passes[0] in ("grad_norm", "unscale_check_") and len(passes) == (2 if clip and not fused else 1), passes
+        if step == 2:
+            for a, b in zip(model.parameters(), before):
+                assert torch.equal(a, b)
+            after = opt.state_dict()["state"]
+            for k in state:
+                for name, value in state[k].items():
+                    assert torch.equal(after[k][name], value)
+    assert guard.get_scale() == 1.0 and guard.step_counts()["skipped"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())

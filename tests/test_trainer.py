@@ -464,3 +464,21 @@ def test_a_checkpoint_without_the_window_is_refused_before_anything_changes():
         fresh.load_state_dict(state)
     for a, b in zip(params_of(fresh_model), before):
         assert torch.equal(a, b)
+
+
+def test_a_replay_that_raises_is_reported_and_training_goes_on():
+    model = tiny_model()
+    InfInjector(model.embedding.weight, on_calls={1})
+    calls = {"n": 0}
+
+    def loss_fn(m, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the replay of step 1's batch (the 3rd call) fails
+            raise RuntimeError("replay refused")
+        return m(**batch)["loss"]
+
+    trainer = FusedMixedPrecisionTrainer(model, adamw(model, False), precision="fp16", loss_fn=loss_fn)
+    stats = trainer.fit(batches(model, 4), 4, progress=False)
+    assert stats["total_steps"] == 4 and stats["overflow_step_indices"] == [1]
+    (report,) = trainer.overflow_diagnoses
+    assert not report.found and "replay refused" in report.notes[0]

@@ -94,6 +94,8 @@ def _phases(python: str, out: Path) -> List[Phase]:
                                  "--plot", str(out / "gemm-cuda.png")], 60),
         Phase("demo", fastamp + ["demo", "--device", "cuda", "--precision", "fp16", "--no-progress",
                                  "--out", str(out / "demo")], 60),
+        Phase("guard-overhead", [python, str(ROOT / "benchmarks" / "guard_overhead.py"), "--device", "cuda",
+                                 "--rounds", "40", "--out", str(out / "guard-cuda.json")], 60),
     ] + [
         # Block-shape variants of the CUDA kernels (the default is 256x3): each compiles its own build
         # into the cache, then times the norm and the clipped step; compare with the bench phase.
