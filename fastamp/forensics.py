@@ -91,7 +91,8 @@ class OverflowDiagnosis:
         where = f"{self.module or '<root>'} ({self.module_type})"
         what = f"{self.tensor}{' of ' + self.parameter if self.parameter else ''}"
         step = f"step {self.step}: " if self.step is not None else ""
-        return (f"{step}{self.phase} overflow in {where}: {what} {self.dtype} max |x| = {self.max_abs:g}. "
+        kind = "beyond fp16's range" if math.isfinite(self.max_abs) else "first non-finite value"
+        return (f"{step}{self.phase}, {kind} in {where}: {what} {self.dtype} max |x| = {self.max_abs:g}. "
                 f"{self.recommendation}")
 
 
