@@ -45,3 +45,19 @@ def test_demo_on_cuda(tmp_path):
     results = run_demo(device="cuda", steps=10, size="tiny", out=str(tmp_path), progress=False, log=lambda s: None)
     assert results["config"]["precision"] == "fp16"
     assert (tmp_path / "results.json").exists()
+    # The planted inf (step 10 // 3 = 3) is an overflow both loops skip; fastamp names where it came from.
+    assert results["injected"] == {"step": 3, "parameter": "layers.0.feedforward.0.weight", "value": "inf"}
+    assert results["summary"]["stock AMP"]["skipped_steps"] >= 1 and 3 in results["fastamp"]["overflow_step_indices"]
+    first = results["overflow_diagnoses"][0]
+    assert first["found"] and first["parameter"] == "layers.0.feedforward.0.weight"
+
+
+def test_diagnosis_of_an_fp16_overflow_on_cuda_names_the_module():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1)).cuda()
+    model[0].register_forward_hook(lambda m, i, out: out * 1e6)
+    from fastamp import diagnose_overflow
+
+    report = diagnose_overflow(model, torch.randn(8, 64, device="cuda"),
+                               loss_fn=lambda m, b: m(b).float().mean(), precision="fp16")
+    assert report.found and (report.phase, report.module, report.dtype) == ("forward", "0", "torch.float16")

@@ -1,0 +1,190 @@
+"""Hugging Face Accelerate and the Transformers Trainer on fastamp, in one line: :func:`apply_fastamp`.
+
+Both libraries build a stock ``torch.amp.GradScaler`` inside ``Accelerator.__init__`` and clip with
+``torch.nn.utils.clip_grad_norm_`` after ``scaler.unscale_``. :func:`apply_fastamp` changes the one
+object it is given (never the libraries' modules), in the manner of Liger Kernel's
+``apply_liger_kernel_to_*``:
+
+- fp16: the accelerator's scaler becomes a :class:`fastamp.GradScaler` with the same settings (those of
+  ``GradScalerKwargs`` included) and the same state, in the accelerator and in every optimizer it has
+  prepared or will prepare;
+- ``accelerator.clip_grad_norm_(parameters, max_norm)`` (what the Trainer calls every step) runs
+  fastamp's fused clip on the prepared optimizers that hold those parameters: one read for the norm
+  and found_inf, folded into ``fused=True`` optimizers; it returns the norm, as stock does. Another
+  ``norm_type``, DeepSpeed, XLA and FSDP, or parameters that are not exactly some prepared optimizers'
+  go to Accelerate's own code;
+- bf16 and fp32: the same fused clip and, with ``skip_nonfinite=True``, the non-finite guard (a
+  :class:`fastamp.GradScaler` pinned at scale 1 in the optimizers): a step with inf/nan gradients is
+  skipped, on the device for fused optimizers.
+
+``optimizer.step_was_skipped`` and ``accelerator.optimizer_step_was_skipped`` keep Accelerate's meaning
+(its wrapper notices that the scaler did not call the optimizer's step; a fused optimizer is always
+called and skips on the device, as with the stock scaler), so the LR scheduler reacts as it does
+stock. ``save_state``/``load_state`` carry the scaler in the stock format, both ways.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch import Tensor
+
+from ..grad_scaler import GradScaler
+from ..gradients import clip_gradients, grads_by_device
+
+__all__ = ["apply_fastamp"]
+
+_PATCHED = "_fastamp_applied"
+# Accelerate's own code keeps these (they wrap or shard the gradients their own way).
+_OWN_CLIP_TYPES = ("DEEPSPEED", "XLA", "FSDP", "MEGATRON_LM")
+
+
+def _accelerate():
+    try:
+        import accelerate
+        from accelerate.optimizer import AcceleratedOptimizer
+    except ImportError as e:  # depends on the environment
+        raise ImportError("fastamp.integrations.apply_fastamp needs accelerate: pip install 'fastamp[hf]'") from e
+    return accelerate, AcceleratedOptimizer
+
+
+def _raw(optimizer: Any, wrapper: type) -> torch.optim.Optimizer:
+    while isinstance(optimizer, wrapper):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _converted(scaler: torch.amp.GradScaler, device_type: str, **fastamp_kwargs: Any) -> GradScaler:
+    """A fastamp.GradScaler with the stock scaler's settings and state (its scale, growth tracker)."""
+    state = scaler.state_dict()  # {} when disabled
+    new = GradScaler(device_type, init_scale=state.get("scale", 2.0**16), growth_factor=scaler.get_growth_factor(),
+                     backoff_factor=scaler.get_backoff_factor(), growth_interval=scaler.get_growth_interval(),
+                     enabled=scaler.is_enabled(), **fastamp_kwargs)
+    if state:
+        new.load_state_dict(state)
+    return new
+
+
+def _is_stock_scaler(scaler: Any) -> bool:
+    # Exactly torch's (or its deprecated torch.cuda.amp alias): sharded and XLA scalers keep their own ways.
+    return type(scaler) in (torch.amp.GradScaler, getattr(torch.cuda.amp, "GradScaler", torch.amp.GradScaler))
+
+
+def _attach(optimizer: Any, scaler: GradScaler) -> None:
+    """Give an AcceleratedOptimizer a scaler. Its step-skip detection is set up by its own pickling
+    protocol (``__setstate__`` builds it whenever a scaler is present), as on an unpickled optimizer."""
+    optimizer.scaler = scaler
+    optimizer.__setstate__(optimizer.__getstate__())
+
+
+def apply_fastamp(target: Any, *, skip_nonfinite: bool = False, **scaler_kwargs: Any) -> Any:
+    """Run an ``accelerate.Accelerator`` (before or after ``prepare``) or a ``transformers.Trainer`` on
+    fastamp's scaler and fused clip. Returns ``target``.
+
+    Args:
+        target: the Accelerator, or the Trainer (its ``trainer.accelerator`` is changed; call this
+            before ``trainer.train()``).
+        skip_nonfinite: bf16 and fp32 only (fp16 always skips): skip steps whose gradients hold inf/nan.
+        **scaler_kwargs: fastamp's own scaler settings for fp16 (``hysteresis``, ``min_scale``,
+            ``max_scale``); Accelerate's (``init_scale``, ``growth_interval``, ...) come from its
+            ``GradScalerKwargs``.
+
+    Raises:
+        TypeError: ``target`` is neither.
+        ValueError: ``scaler_kwargs`` without an fp16 scaler to apply them to.
+    """
+    accelerate, wrapper = _accelerate()
+    accelerator = getattr(target, "accelerator", None) if not isinstance(target, accelerate.Accelerator) else target
+    if not isinstance(accelerator, accelerate.Accelerator):
+        raise TypeError(
+            "apply_fastamp: expected an accelerate.Accelerator or a transformers.Trainer, got "
+            f"{type(target).__module__}.{type(target).__qualname__}"
+        )
+    if getattr(accelerator, _PATCHED, False):
+        return target
+    device_type = accelerator.device.type
+    stock = accelerator.scaler
+    if scaler_kwargs and not _is_stock_scaler(stock):
+        raise ValueError(f"apply_fastamp: {sorted(scaler_kwargs)} configure the fp16 loss scaler that replaces "
+                         f"Accelerate's, and this accelerator has {'a ' + type(stock).__name__ if stock else 'none'} "
+                         f"(mixed_precision={accelerator.mixed_precision!r})")
+    scaler: Optional[GradScaler] = None
+    if isinstance(stock, GradScaler):
+        scaler = stock
+    elif _is_stock_scaler(stock):
+        scaler = _converted(stock, device_type, **scaler_kwargs)
+    guard: Optional[GradScaler] = None
+    if scaler is not None:
+        accelerator.scaler = scaler
+    elif skip_nonfinite and stock is None:
+        guard = GradScaler(device_type, init_scale=1.0, growth_interval=2**30, min_scale=1.0, max_scale=1.0)
+        guard.scale(torch.zeros((), device=accelerator.device))  # the scale lives on the accelerator's device
+    step_scaler = scaler if scaler is not None else guard
+
+    if step_scaler is not None:
+        for optimizer in accelerator._optimizers:  # already prepared (Accelerate keeps no public list)
+            if optimizer.scaler is stock or optimizer.scaler is None:
+                _attach(optimizer, step_scaler)
+        if guard is not None:  # optimizers prepared from now on: Accelerate gives them its scaler, None
+            prepare_optimizer = accelerator.prepare_optimizer
+
+            def prepare_optimizer_with_guard(optimizer: Any, device_placement: Optional[bool] = None) -> Any:
+                prepared = prepare_optimizer(optimizer, device_placement=device_placement)
+                if isinstance(prepared, wrapper) and prepared.scaler is None:
+                    _attach(prepared, guard)
+                return prepared
+
+            accelerator.prepare_optimizer = prepare_optimizer_with_guard
+
+    accelerator.clip_grad_norm_ = _fused_clip(accelerator, accelerator.clip_grad_norm_, wrapper)
+    setattr(accelerator, _PATCHED, True)
+    return target
+
+
+def _fused_clip(accelerator: Any, stock_clip: Callable[..., Any], wrapper: type) -> Callable[..., Any]:
+    def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, norm_type: float = 2) -> Any:
+        """fastamp's fused clip on the prepared optimizers holding ``parameters`` (see apply_fastamp)."""
+        params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+        if accelerator.distributed_type.name in _OWN_CLIP_TYPES or float(norm_type) != 2.0:
+            return stock_clip(params, max_norm, norm_type=norm_type)
+        chosen = _optimizers_holding(accelerator._optimizers, params, wrapper)
+        if chosen is None:
+            return stock_clip(params, max_norm, norm_type=norm_type)
+        raw = [_raw(opt, wrapper) for opt in chosen]
+        scalers = {id(opt.scaler): opt.scaler for opt in chosen}
+        if len(scalers) != 1:  # optimizers on different scalers: Accelerate's own code
+            return stock_clip(params, max_norm, norm_type=norm_type)
+        (scaler,) = scalers.values()
+        if isinstance(scaler, GradScaler):
+            return scaler.clip_grad_norm_(raw, max_norm)
+        if scaler is not None:  # a scaler fastamp did not replace (sharded, XLA)
+            return stock_clip(params, max_norm, norm_type=norm_type)
+        # No scaler (bf16, fp32): norm in one read, one write to clip.
+        by_device: Dict[torch.device, List[Tensor]] = {}
+        for opt in raw:
+            for device, grads in grads_by_device(opt).items():
+                by_device.setdefault(device, []).extend(grads)
+        result = clip_gradients(by_device, None if math.isinf(float(max_norm)) else float(max_norm))
+        with torch.no_grad():
+            result.apply_(by_device, skip_on_found_inf=False)  # stock writes even a non-finite norm's factor
+        return result.total_norm
+
+    return clip_grad_norm_
+
+
+def _optimizers_holding(optimizers: List[Any], params: List[Tensor], wrapper: type) -> Optional[List[Any]]:
+    """The prepared optimizers whose parameters are exactly ``params`` (those with a gradient), or None."""
+    wanted = {id(p) for p in params if p.grad is not None}
+    chosen, covered = [], set()
+    for opt in optimizers:
+        held = {id(p) for group in _raw(opt, wrapper).param_groups for p in group["params"] if p.grad is not None}
+        if not held:
+            continue
+        if held <= wanted:
+            chosen.append(opt)
+            covered |= held
+        elif held & wanted:
+            return None  # partly: the clip must see exactly the given parameters
+    return chosen if chosen and covered == wanted else None
