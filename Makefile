@@ -57,7 +57,7 @@ $(PY):
 $(DEPS_STAMP): $(PY) Makefile
 	rm -f $(VENV)/.deps-* $(VENV)/.build-*
 	$(PIP) install -q "$(TORCH_SPEC)" numpy pytest pytest-benchmark hypothesis ninja setuptools wheel matplotlib tqdm "lightning>=2.2" \
-		ruff==0.17.6 clang-format==23.1.5
+		transformers==5.24.0 accelerate==1.15.0 ruff==0.17.6 clang-format==23.1.5
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)

@@ -2,7 +2,7 @@
 
     python benchmarks/summarize.py benchmarks/results/*.json            # print tables
     python benchmarks/summarize.py --readme README.md benchmarks/results/fastamp-bench-*.json \
-        benchmarks/results/guard-*.json                                               # update README
+        benchmarks/results/guard-*.json benchmarks/results/hf-trainer-*.json          # update README
 
 Reads both formats: ``fastamp bench --json`` output ({"environment", "results"}) and pytest-benchmark
 JSON. In the README, the block between ``<!-- results:begin -->`` and ``<!-- results:end -->`` is
