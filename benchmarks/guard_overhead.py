@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import itertools
-import json
-import platform
-import subprocess
 import time
 from typing import Any, Dict, List
 
 import torch
+from report import write_report
 
 from fastamp import FusedMixedPrecisionTrainer
 from fastamp.models import build_model, synthetic_batches
@@ -82,22 +79,7 @@ def main(argv=None) -> int:
     for precision in ("bf16", "fp32", "fp16"):
         for optimizer in ("fused", "foreach"):
             benchmarks += measure(args.device, precision, optimizer, args.rounds, args.warmup, args.size)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu
-    report = {"machine_info": {"cpu": {"brand_raw": device_name}}, "commit_info": {"id": commit},
-              "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(), "benchmarks": benchmarks}
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {args.out}")
+    write_report(args.out, args.device, benchmarks)
     return 0
 
 

@@ -12,10 +12,6 @@ The JSON has pytest-benchmark's shape, so summarize.py renders it with the other
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import subprocess
 import tempfile
 import time
 from typing import Any, Dict, List
@@ -23,6 +19,7 @@ from typing import Any, Dict, List
 import torch
 import transformers
 from accelerate.state import AcceleratorState
+from report import write_report
 
 from fastamp.integrations import apply_fastamp
 
@@ -118,22 +115,7 @@ def main(argv=None) -> int:
                                        "role": name, "baseline": name == "stock", "device": args.device,
                                        "torch": torch.__version__, "transformers": transformers.__version__,
                                        "threads": torch.get_num_threads()}})
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name) \
-                if args.device == "cpu" else name
-    except OSError:
-        pass
-    report = {"machine_info": {"cpu": {"brand_raw": name}}, "commit_info": {"id": commit},
-              "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(), "benchmarks": benchmarks}
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {args.out}")
+    write_report(args.out, args.device, benchmarks)
     return 0
 
 

@@ -33,6 +33,14 @@ def adamw(model, fused: bool = True, lr: float = 3e-3):
     return torch.optim.AdamW(model.parameters(), lr=lr, fused=fused, foreach=None if fused else True)
 
 
+def through_a_file(state):
+    """``state`` after torch.save and torch.load, as a checkpoint is."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
 def params_of(model):
     return [p.detach().clone() for p in model.parameters()]
 
@@ -172,12 +180,9 @@ def test_resumed_run_continues_bit_identically(precision, fused):
     first, _ = make()
     for b in data[:4]:
         first.train_step(b)
-    buffer = io.BytesIO()
-    torch.save(first.state_dict(), buffer)
-    buffer.seek(0)
     resumed, injector = make(seed=1)  # other initial weights: everything must come from the checkpoint
     injector.calls = 4  # the injected overflows follow the data, not the process
-    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    resumed.load_state_dict(through_a_file(first.state_dict()))
     for b in data[4:]:
         resumed.train_step(b)
 
@@ -437,11 +442,8 @@ def test_a_checkpoint_between_micro_batches_resumes_bit_identically():
     first = make()
     for b in data[:11]:  # half-way through window 6
         first.train_step(b)
-    buffer = io.BytesIO()
-    torch.save(first.state_dict(), buffer)
-    buffer.seek(0)
     resumed = make(seed=1)
-    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    resumed.load_state_dict(through_a_file(first.state_dict()))
     for b in data[11:]:
         resumed.train_step(b)
     for a, b in zip(params_of(straight.model), params_of(resumed.model)):
