@@ -348,3 +348,29 @@ def test_ddp_through_accelerate_on_two_gloo_processes(tmp_path):
     # Before the NaN, the two runs are the same training within fp32 rounding.
     torch.testing.assert_close(torch.tensor(ours[0]["norms"][:3]), torch.tensor(stock[0]["norms"][:3]),
                                rtol=1e-6, atol=0)
+
+
+def test_applied_before_prepare_the_optimizers_prepared_later_get_fastamp():
+    # fp16: the accelerator's scaler is replaced, and prepare hands it to the optimizers it wraps.
+    accelerator = Accelerator(cpu=True, mixed_precision="fp16")
+    accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", init_scale=64.0), True
+    apply_fastamp(accelerator)
+    net = mlp()
+    _, opt = accelerator.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    assert isinstance(opt.scaler, GradScaler) and opt.scaler is accelerator.scaler and opt.scaler.get_scale() == 64.0
+    # bf16 with the guard: Accelerate gives later optimizers no scaler; apply_fastamp gives them the guard.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    apply_fastamp(accelerator, skip_nonfinite=True)
+    net = mlp()
+    model, opt = accelerator.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    assert isinstance(opt.scaler, GradScaler) and opt.scaler.get_scale() == 1.0 and accelerator.scaler is None
+    x, y = data(1)[0]
+    with accelerator.autocast():
+        loss = torch.nn.functional.mse_loss(model(x).float(), y)
+    accelerator.backward(loss)
+    net[0].weight.grad.view(-1)[0] = math.inf
+    before = [p.detach().clone() for p in net.parameters()]
+    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    assert opt.step_was_skipped and all(torch.equal(a, b) for a, b in zip(net.parameters(), before))
