@@ -113,8 +113,10 @@ class FusedMixedPrecisionTrainer:
             (the first one, then at most one every ``diagnose_every`` steps); the reports are in
             :attr:`overflow_diagnoses` and the statistics. Steps without overflow pay nothing. Where the
             skip is only known later (fused optimizers decide on the device), the batches of the last
-            ``diagnose_window`` steps are kept and diagnosed when the flags are read anyway (logging in
-            :meth:`fit`, :meth:`get_training_statistics`); the report says which step it is.
+            ``diagnose_window`` steps are kept (references to the batches as moved to ``device``, which
+            keeps their memory alive: lower it, or turn the diagnosis off, for large batches) and
+            diagnosed when the flags are read anyway (logging in :meth:`fit`,
+            :meth:`get_training_statistics`); the report says which step it is.
         stuck_after: warn once (:class:`fastamp.TrainingStuckWarning`) after this many consecutive
             skipped steps, or when a step is skipped with the scale at ``min_scale``.
 
