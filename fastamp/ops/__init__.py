@@ -11,9 +11,9 @@ Where each op lives. Schemas: ``_library.SCHEMAS``; reference: ``_reference.<op>
 registration (validation, then the kernel): ``csrc/cpu/ops.cpp``, ``csrc/cuda/ops.cpp``; the per-element
 math both kernels share: ``csrc/functors.h``. Each multi-tensor op is one chunk functor run by one
 harness per device (``multi_tensor_apply`` in ``csrc/cpu/multi_tensor_cpu.h`` and
-``csrc/cuda/multi_tensor_apply.cuh``), named after the op on both. Tests: ``tests/test_ops.py``
-(every device and implementation; test names start with the op), ``tests/test_library.py`` (schemas,
-opcheck); the bench key is the op's name (``fastamp bench --op grad_norm``):
+``csrc/cuda/multi_tensor_apply.cuh``), named after the op on both. Tests: ``tests/ops/test_<op>.py``
+(every device and implementation), ``tests/test_library.py`` (schemas, opcheck on every device); the
+bench key is the op's name (``fastamp bench --op grad_norm``):
 
 =====================  ==========================================  ==================================
 op                     CPU kernel (csrc/cpu/), functor             CUDA kernel (csrc/cuda/), functor

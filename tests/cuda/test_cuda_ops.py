@@ -1,6 +1,6 @@
 """What only the CUDA kernels have: misaligned 128-bit loads, lists split over several launches, the
 two-stage reduction's determinism, no host sync, CUDA graphs, torch.compile, >2**31 elements. The
-op semantics on CUDA are tested with the CPU's, in tests/test_ops.py (device "cuda"). Needs a GPU."""
+op semantics on CUDA are tested with the CPU's, in tests/ops/ (device "cuda"). Needs a GPU."""
 
 from __future__ import annotations
 
