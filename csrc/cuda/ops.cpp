@@ -69,8 +69,8 @@ void unscale_check_op(at::TensorList grads, at::Tensor& found_inf, const at::Ten
 std::tuple<at::Tensor, at::Tensor> grad_norm_op(at::TensorList grads, const std::optional<at::Tensor>& inv_scale,
                                                 const std::optional<at::Tensor>& found_inf, bool per_tensor) {
   validate_grad_norm("grad_norm", grads, inv_scale, found_inf);
-  const at::Device device = grads.empty() ? (inv_scale.has_value() ? inv_scale->device() : found_inf->device())
-                                          : grads[0].device();
+  const at::Device device =
+      grads.empty() ? (inv_scale.has_value() ? inv_scale->device() : found_inf->device()) : grads[0].device();
   const c10::cuda::CUDAGuard guard(device);
   if (grads.empty()) return zero_norms(device);
   Prepared prepared(grads);
