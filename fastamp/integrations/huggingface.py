@@ -125,7 +125,9 @@ def apply_fastamp(target: Any, *, skip_nonfinite: bool = False, **scaler_kwargs:
 
     if step_scaler is not None:
         for optimizer in accelerator._optimizers:  # already prepared (Accelerate keeps no public list)
-            if optimizer.scaler is stock or optimizer.scaler is None:
+            # The stock scaler's optimizers get fastamp's; the guard goes where there was no scaler (an
+            # optimizer Accelerate deliberately left without one, as under MS-AMP, keeps its own way).
+            if optimizer.scaler is (stock if scaler is not None else None):
                 _attach(optimizer, step_scaler)
         if guard is not None:  # optimizers prepared from now on: Accelerate gives them its scaler, None
             prepare_optimizer = accelerator.prepare_optimizer
