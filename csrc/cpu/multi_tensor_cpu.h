@@ -59,11 +59,12 @@ constexpr int64_t kMinParallelElements = 2 * kChunkSize;
 //   static constexpr bool kWrites;   // it writes the tensors (strided ones are copied back afterwards)
 //   static constexpr bool kReverse;  // chunks are claimed last to first
 //   template <typename T> ChunkResult run(T* data, int64_t count) const;
-// Threads claim chunks one at a time from a shared counter, so a list mixing 64K-element chunks with
-// hundreds of tiny tensors keeps every thread busy to the end (a split by chunk count does not: a tiny
-// tensor is one "chunk" of almost no work). Results land in their block's slot, so reductions do not
-// depend on which thread ran what. kReverse serves ops that follow a full pass over the same tensors
-// (scale_ after grad_norm): they start on the chunks still in the last-level cache.
+// Threads claim work units (runs of chunks of about 64K elements: one full chunk, or many small
+// tensors) from a shared counter, so a list mixing 64K-element chunks with hundreds of tiny tensors
+// keeps every thread busy to the end (a split by chunk count does not: a tiny tensor is one "chunk" of
+// almost no work). Results land in their block's slot, so reductions do not depend on which thread ran
+// what. kReverse serves ops that follow a full pass over the same tensors (scale_ after grad_norm):
+// they start on the chunks still in the last-level cache.
 template <typename Op>
 MultiTensorResult multi_tensor_apply(at::TensorList tensors, const Op& op) {
   FlatTensors flat(tensors, kChunkSize, INT64_MAX, INT64_MAX);
@@ -72,30 +73,49 @@ MultiTensorResult multi_tensor_apply(at::TensorList tensors, const Op& op) {
   if (!flat.plan.launches.empty()) {
     const Launch& launch = flat.plan.launches.front();
     const int64_t blocks = static_cast<int64_t>(launch.block_slot.size());
-    int64_t elements = 0;
-    for (const at::Tensor& t : flat.dense) elements += t.numel();
+    auto count_of = [&](int64_t b) {
+      const int64_t numel = flat.dense[launch.tensors[launch.block_slot[b]]].numel();
+      return std::min(flat.plan.chunk_size, numel - launch.block_chunk[b] * flat.plan.chunk_size);
+    };
+    // Work units: runs of consecutive blocks of about one chunk's worth of elements, so that a thread
+    // claims hundreds of tiny tensors at once rather than one by one (each claim is a contended atomic).
+    std::vector<int64_t> unit_end;
+    int64_t elements = 0, in_unit = 0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t count = count_of(b);
+      elements += count;
+      in_unit += count;
+      if (in_unit >= flat.plan.chunk_size || b + 1 == blocks) {
+        unit_end.push_back(b + 1);
+        in_unit = 0;
+      }
+    }
+    const int64_t units = static_cast<int64_t>(unit_end.size());
     std::atomic<int64_t> next{0};
     std::atomic<bool> nonfinite{false};
+    auto run_block = [&](int64_t b) {
+      const at::Tensor& t = flat.dense[launch.tensors[launch.block_slot[b]]];
+      const int64_t first = launch.block_chunk[b] * flat.plan.chunk_size;
+      dispatch_grad_dtype(t.scalar_type(), [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        const ChunkResult r = op.template run<T>(static_cast<T*>(t.data_ptr()) + first, count_of(b));
+        result.block_sums[launch.first_block + b] = r.sum_squares;
+        if (r.nonfinite) nonfinite.store(true, std::memory_order_relaxed);
+      });
+    };
     auto claim_and_run = [&](int64_t, int64_t) {
-      for (int64_t k = next.fetch_add(1, std::memory_order_relaxed); k < blocks;
+      for (int64_t k = next.fetch_add(1, std::memory_order_relaxed); k < units;
            k = next.fetch_add(1, std::memory_order_relaxed)) {
-        const int64_t b = Op::kReverse ? blocks - 1 - k : k;
-        const at::Tensor& t = flat.dense[launch.tensors[launch.block_slot[b]]];
-        const int64_t first = launch.block_chunk[b] * flat.plan.chunk_size;
-        const int64_t count = std::min(flat.plan.chunk_size, t.numel() - first);
-        dispatch_grad_dtype(t.scalar_type(), [&](auto* tag) {
-          using T = std::remove_pointer_t<decltype(tag)>;
-          const ChunkResult r = op.template run<T>(static_cast<T*>(t.data_ptr()) + first, count);
-          result.block_sums[launch.first_block + b] = r.sum_squares;
-          if (r.nonfinite) nonfinite.store(true, std::memory_order_relaxed);
-        });
+        const int64_t u = Op::kReverse ? units - 1 - k : k;
+        const int64_t begin = u == 0 ? 0 : unit_end[u - 1], end = unit_end[u];
+        for (int64_t i = begin; i < end; ++i) run_block(Op::kReverse ? begin + end - 1 - i : i);
       }
     };
     const int64_t threads = at::get_num_threads();
-    if (blocks == 1 || threads == 1 || elements < kMinParallelElements || at::in_parallel_region()) {
+    if (units == 1 || threads == 1 || elements < kMinParallelElements || at::in_parallel_region()) {
       claim_and_run(0, 1);
     } else {
-      at::parallel_for(0, std::min(threads, blocks), 1, claim_and_run);
+      at::parallel_for(0, std::min(threads, units), 1, claim_and_run);
     }
     result.nonfinite = nonfinite.load();
   }
