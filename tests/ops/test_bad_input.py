@@ -1,7 +1,4 @@
-"""Bad input to every op: a clear error naming the tensor, dtype or device, and nothing modified.
-
-On every device (cpu; cuda where a GPU is), in both implementations (kernel, reference), against
-PyTorch's own ops and hand-computed values."""
+"""Bad input to every op: a clear error naming the tensor, dtype or device, and nothing modified."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""clip_coef: min(1, max_norm / (norm + eps)) as clip_grad_norm_ computes it, and the whole clip.
-
-On every device (cpu; cuda where a GPU is), in both implementations (kernel, reference), against
-PyTorch's own ops and hand-computed values."""
+"""clip_coef: min(1, max_norm / (norm + eps)) as clip_grad_norm_ computes it, and the whole clip."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""grad_norm: the L2 norm of g * inv_scale and found_inf, read-only.
-
-On every device (cpu; cuda where a GPU is), in both implementations (kernel, reference), against
-PyTorch's own ops and hand-computed values."""
+"""grad_norm: the L2 norm of g * inv_scale and found_inf, read-only."""
 
 from __future__ import annotations
 

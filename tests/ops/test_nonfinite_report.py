@@ -1,7 +1,4 @@
-"""nonfinite_report: which tensors hold nan/+inf/-inf.
-
-On every device (cpu; cuda where a GPU is), in both implementations (kernel, reference), against
-PyTorch's own ops and hand-computed values."""
+"""nonfinite_report: which tensors hold nan/+inf/-inf."""
 
 from __future__ import annotations
 

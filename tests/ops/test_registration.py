@@ -1,7 +1,4 @@
-"""Where each dispatch key's kernel comes from, and kernel tests never comparing the reference with itself.
-
-On every device (cpu; cuda where a GPU is), in both implementations (kernel, reference), against
-PyTorch's own ops and hand-computed values."""
+"""Where each dispatch key's kernel comes from, and kernel tests never comparing the reference with itself."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""scale_: t *= factor, nothing written on found_inf or a factor of 1.
-
-On every device (cpu; cuda where a GPU is), in both implementations (kernel, reference), against
-PyTorch's own ops and hand-computed values."""
+"""scale_: t *= factor, nothing written on found_inf or a factor of 1."""
 
 from __future__ import annotations
 

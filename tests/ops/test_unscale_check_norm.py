@@ -1,7 +1,4 @@
-"""unscale_check_norm_: unscale_check_ and the norm of the grads as written, in one pass.
-
-On every device (cpu; cuda where a GPU is), in both implementations (kernel, reference), against
-PyTorch's own ops and hand-computed values."""
+"""unscale_check_norm_: unscale_check_ and the norm of the grads as written, in one pass."""
 
 from __future__ import annotations
 

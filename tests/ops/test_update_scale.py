@@ -1,7 +1,4 @@
-"""update_scale_: the dynamic loss-scale update, against torch._amp_update_scale_.
-
-On every device (cpu; cuda where a GPU is), in both implementations (kernel, reference), against
-PyTorch's own ops and hand-computed values."""
+"""update_scale_: the dynamic loss-scale update, against torch._amp_update_scale_."""
 
 from __future__ import annotations
 
