@@ -21,7 +21,8 @@ import torch
 
 from .metrics import StepHistory, StepTimer, memory_mb, training_statistics
 from .models import MODEL_SIZES, TransformerLM, build_model, synthetic_batches
-from .trainer import FusedMixedPrecisionTrainer, normalize_precision, plot_dashboard
+from .precision import autocast_dtype, normalize_precision
+from .trainer import FusedMixedPrecisionTrainer, plot_dashboard
 
 __all__ = ["default_precision", "run_demo", "stock_amp_loop"]
 
@@ -76,7 +77,7 @@ def stock_amp_loop(
     """The hand-written PyTorch AMP loop; returns statistics with the trainer's per-step keys."""
     precision = normalize_precision(precision)
     device = next(model.parameters()).device
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    dtype = autocast_dtype(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     history = StepHistory(StepTimer(device))
     timer = history.timer

@@ -27,14 +27,12 @@ from torch import Tensor, nn
 
 from .batch import Batch, LossFn, compute_loss, to_device
 from .grad_scaler import GradScaler
+from .precision import autocast_dtype, normalize_precision
 
 __all__ = ["OverflowDiagnosis", "OverflowWatch", "TrainingStuckWarning", "diagnose_overflow"]
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
 DEFAULT_LOSS_SCALE = 2.0**16
-_PRECISIONS = {"fp16": torch.float16, "16-mixed": torch.float16, "float16": torch.float16, "16": torch.float16,
-               "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "bfloat16": torch.bfloat16,
-               "fp32": None, "32-true": None, "float32": None, "32": None}
 
 
 @dataclass
@@ -207,14 +205,14 @@ def _model_restored(model: nn.Module) -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
-def _recommend(diagnosis: OverflowDiagnosis, autocast_dtype: Optional[torch.dtype], device_type: str) -> str:
+def _recommend(diagnosis: OverflowDiagnosis, autocast: Optional[torch.dtype], device_type: str) -> str:
     name = f"`{diagnosis.module or diagnosis.module_type}`"
     if diagnosis.phase == "forward":
-        if autocast_dtype == torch.float16 and math.isfinite(diagnosis.max_abs):
+        if autocast == torch.float16 and math.isfinite(diagnosis.max_abs):
             return (f"{name} produces values beyond fp16's range ({FP16_MAX:g}): run it outside autocast "
                     f"(`with torch.autocast('{device_type}', enabled=False)` around it, inputs cast "
                     "to float32), normalize or rescale its output, or train in bf16, whose range is fp32's.")
-        if autocast_dtype == torch.float16:
+        if autocast == torch.float16:
             return (f"{name}'s output is non-finite under fp16 autocast: run it in fp32 (outside autocast), "
                     "check its inputs, or train in bf16, whose range is fp32's.")
         return (f"{name}'s output is non-finite even without fp16: look at its inputs and weights (learning "
@@ -223,7 +221,7 @@ def _recommend(diagnosis: OverflowDiagnosis, autocast_dtype: Optional[torch.dtyp
         return ("the loss itself is non-finite while every module's output was finite: compute the loss in "
                 "fp32 (outside autocast, e.g. `loss_fn(logits.float(), target)`) and check the targets.")
     scale = diagnosis.loss_scale
-    if autocast_dtype == torch.float16 and scale > 1:
+    if autocast == torch.float16 and scale > 1:
         suggestion = 2.0 ** math.floor(math.log2(max(scale / 2.0, 1.0)))
         return (f"the gradient at {name} overflows at loss scale {scale:g}: the scaler backs off by itself, but "
                 f"if this recurs, cap it (`GradScaler(..., max_scale={suggestion:g})`), use hysteresis, run "
@@ -261,22 +259,19 @@ def diagnose_overflow(
         ValueError: the model has no parameters, or the precision is unknown.
         Whatever the model raises on the batch (the model is restored and the hooks removed first).
     """
-    key = str(precision)
-    if key not in _PRECISIONS:
-        raise ValueError(f"diagnose_overflow: unknown precision {precision!r}; use one of {sorted(_PRECISIONS)}")
-    autocast_dtype = _PRECISIONS[key]
+    precision_name = normalize_precision(precision)
+    autocast = autocast_dtype(precision_name)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("diagnose_overflow: the model has no parameters that require grad; nothing to diagnose")
     if isinstance(loss_scale, GradScaler):
         loss_scale = loss_scale.get_scale() if loss_scale.is_enabled() else 1.0
-    scale = float(loss_scale) if loss_scale is not None else (DEFAULT_LOSS_SCALE if autocast_dtype == torch.float16
+    scale = float(loss_scale) if loss_scale is not None else (DEFAULT_LOSS_SCALE if autocast == torch.float16
                                                                else 1.0)
     device = torch.device(device) if device is not None else params[0][1].device
-    precision_name = {torch.float16: "fp16", torch.bfloat16: "bf16", None: "fp32"}[autocast_dtype]
     report = OverflowDiagnosis(found=False, precision=precision_name, loss_scale=scale)
 
-    recorder = _Recorder(model, fp16=autocast_dtype == torch.float16)
+    recorder = _Recorder(model, fp16=autocast == torch.float16)
     owners = {}
     for module_name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
@@ -291,10 +286,10 @@ def diagnose_overflow(
                 owner, qualified = owners[id(p)]
                 hook_handles.append(p.register_hook(recorder.param_hook(owner, qualified)))
             batch = to_device(batch, device)
-            autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                        else contextlib.nullcontext())
+            context = (torch.autocast(device.type, dtype=autocast) if autocast is not None
+                       else contextlib.nullcontext())
             with torch.enable_grad():
-                with autocast:
+                with context:
                     loss = compute_loss(model, batch, loss_fn)
                 if not isinstance(loss, Tensor) or loss.dim() != 0:
                     raise ValueError(f"diagnose_overflow: the loss must be a scalar tensor, got {loss!r:.80}")
@@ -318,7 +313,7 @@ def diagnose_overflow(
         report.tensor, report.dtype, report.max_abs = tensor, str(value.dtype), max_abs
         report.parameter = found[5] if len(found) > 5 else ""
     if report.found:
-        report.recommendation = _recommend(report, autocast_dtype, device.type)
+        report.recommendation = _recommend(report, autocast, device.type)
     return report
 
 

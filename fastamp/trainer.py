@@ -26,27 +26,9 @@ from .gradients import clip_gradients, grads_by_device
 from .metrics import StepHistory, StepTimer, memory_mb, training_statistics
 from .ops import NonFiniteRecord, nonfinite_report
 from .plots import plot_dashboard
+from .precision import autocast_dtype, normalize_precision
 
 __all__ = ["FusedMixedPrecisionTrainer", "StepResult", "normalize_precision", "plot_dashboard"]
-
-_PRECISIONS = {
-    "fp32": "fp32", "32": "fp32", "32-true": "fp32", "float32": "fp32",
-    "fp16": "fp16", "16": "fp16", "16-mixed": "fp16", "float16": "fp16",
-    "bf16": "bf16", "bf16-mixed": "bf16", "bfloat16": "bf16",
-}
-_AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-
-def normalize_precision(precision: str) -> str:
-    """``"fp32"``, ``"fp16"`` or ``"bf16"`` for any of their spellings (Lightning's included)."""
-    try:
-        return _PRECISIONS[str(precision)]
-    except KeyError:
-        raise ValueError(
-            f"unknown precision {precision!r}; use one of {sorted(_PRECISIONS)}"
-        ) from None
-
 
 class StepResult(Mapping):
     """What one :meth:`FusedMixedPrecisionTrainer.train_step` call reports.
@@ -252,7 +234,7 @@ class FusedMixedPrecisionTrainer:
         if self.diagnose_overflows and self.scaler.is_enabled():
             self._window_batches.append(batch)
         self._window_tokens += self._count_tokens(batch)
-        dtype = _AUTOCAST_DTYPES.get(self.precision)
+        dtype = autocast_dtype(self.precision)
         last_micro_step = self._micro_step + 1 == self.accumulation_steps
         with self._gradient_sync(last_micro_step):
             with torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():

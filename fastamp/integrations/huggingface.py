@@ -26,7 +26,7 @@ stock. ``save_state``/``load_state`` carry the scaler in the stock format, both 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional
 
 import torch
 from torch import Tensor
@@ -164,10 +164,7 @@ def _fused_clip(accelerator: Any, stock_clip: Callable[..., Any], wrapper: type)
         if scaler is not None:  # a scaler fastamp did not replace (sharded, XLA)
             return stock_clip(params, max_norm, norm_type=norm_type)
         # No scaler (bf16, fp32): norm in one read, one write to clip.
-        by_device: Dict[torch.device, List[Tensor]] = {}
-        for opt in raw:
-            for device, grads in grads_by_device(opt).items():
-                by_device.setdefault(device, []).extend(grads)
+        by_device = grads_by_device(raw)
         result = clip_gradients(by_device, None if math.isinf(float(max_norm)) else float(max_norm))
         with torch.no_grad():
             result.apply_(by_device, skip_on_found_inf=False)  # stock writes even a non-finite norm's factor
