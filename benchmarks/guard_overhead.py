@@ -22,7 +22,7 @@ import torch
 from report import write_report
 
 from fastamp import FusedMixedPrecisionTrainer
-from fastamp.models import build_model, synthetic_batches
+from fastamp.testing.models import build_model, synthetic_batches
 
 CASES = {  # name: (skip_nonfinite, diagnose_overflows)
     "guard off, diagnosis off": (False, False),

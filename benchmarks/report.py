@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List
 
-from fastamp.bench import environment
+from fastamp.cli.bench import environment
 
 __all__ = ["write_report"]
 

@@ -18,7 +18,7 @@ import statistics
 import sys
 from typing import Any, Dict, List, Sequence
 
-from fastamp.bench import quantile as _quantile
+from fastamp.cli.bench import quantile as _quantile
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 DETAIL_WORKLOAD, DETAIL_DTYPE = "gpt2-124M", "fp32"

@@ -1,4 +1,4 @@
-"""fastamp vs stock PyTorch AMP, as pytest-benchmark suites (the cases of ``fastamp.bench``).
+"""fastamp vs stock PyTorch AMP, as pytest-benchmark suites (the cases of ``fastamp.cli.bench``).
 
 Each group ``<op>/<workload>/<dtype>/<device>`` holds fastamp's case next to its stock PyTorch baseline
 and, for the memory-bound ops, flat-buffer bandwidth references (``sum``, in-place ``mul_``, ``copy_``).
@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastamp.bench import CASES, DTYPES, WORKLOADS, BenchState
+from fastamp.cli.bench import CASES, DTYPES, WORKLOADS, BenchState
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 _STATE = {}

@@ -6,7 +6,7 @@ from typing import Any, Dict
 
 import torch
 
-from . import models, ops
+from . import _moved, ops
 from ._extension import KernelFallbackWarning, extension_status
 from .forensics import OverflowDiagnosis, TrainingStuckWarning, diagnose_overflow
 from .grad_scaler import GradScaler
@@ -15,7 +15,9 @@ from .trainer import FusedMixedPrecisionTrainer
 __version__ = "0.1.0"
 
 __all__ = ["FusedMixedPrecisionTrainer", "GradScaler", "KernelFallbackWarning", "OverflowDiagnosis",
-           "TrainingStuckWarning", "__version__", "build_info", "diagnose_overflow", "has_cuda_kernels", "models", "ops"]
+           "TrainingStuckWarning", "__version__", "build_info", "diagnose_overflow", "has_cuda_kernels", "ops"]
+
+_moved.install()
 
 
 def has_cuda_kernels() -> bool:

@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .plots import pyplot
+from ._plots import pyplot
 
 __all__ = [
     "FORMATS",

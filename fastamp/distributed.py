@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._gradients import clip_gradients, grads_by_device
 from .grad_scaler import GradScaler
-from .gradients import clip_gradients, grads_by_device
 
 __all__ = ["ShardedGradScaler", "clip_grad_norm_", "reduce_norm_and_found_inf"]
 

@@ -25,9 +25,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .batch import Batch, LossFn, compute_loss, to_device
+from ._batch import Batch, LossFn, compute_loss, to_device
+from ._precision import autocast_dtype, normalize_precision
 from .grad_scaler import GradScaler
-from .precision import autocast_dtype, normalize_precision
 
 __all__ = ["OverflowDiagnosis", "OverflowWatch", "TrainingStuckWarning", "diagnose_overflow"]
 

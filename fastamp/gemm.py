@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .plots import pyplot
+from ._plots import pyplot
 
 __all__ = [
     "ALIGNMENT",

@@ -32,9 +32,9 @@ from torch import Tensor
 from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state
 
 from . import ops
-from .gradients import PerDevice, clip_gradients, grads_by_device, merge_by_device, norm_and_check, unscale_check_grads_
+from ._gradients import PerDevice, clip_gradients, grads_by_device, merge_by_device, norm_and_check, unscale_check_grads_
 
-__all__ = ["GradScaler", "OptState"]
+__all__ = ["GradScaler"]
 
 OptimizerOrList = Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]]
 NamedTensors = Union[torch.nn.Module, Mapping[str, Optional[Tensor]], Iterable[Tuple[str, Optional[Tensor]]]]

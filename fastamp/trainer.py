@@ -19,16 +19,16 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Unio
 import torch
 from torch import Tensor, nn
 
-from .batch import Batch, LossFn, compute_loss, to_device
+from ._batch import Batch, LossFn, compute_loss, to_device
+from ._gradients import clip_gradients, grads_by_device
+from ._metrics import StepHistory, StepTimer, memory_mb, training_statistics
+from ._plots import plot_dashboard
+from ._precision import autocast_dtype, normalize_precision
 from .forensics import OverflowDiagnosis, OverflowWatch, diagnose_overflow
 from .grad_scaler import GradScaler
-from .gradients import clip_gradients, grads_by_device
-from .metrics import StepHistory, StepTimer, memory_mb, training_statistics
 from .ops import NonFiniteRecord, nonfinite_report
-from .plots import plot_dashboard
-from .precision import autocast_dtype, normalize_precision
 
-__all__ = ["FusedMixedPrecisionTrainer", "StepResult", "normalize_precision", "plot_dashboard"]
+__all__ = ["FusedMixedPrecisionTrainer", "StepResult"]
 
 class StepResult(Mapping):
     """What one :meth:`FusedMixedPrecisionTrainer.train_step` call reports.

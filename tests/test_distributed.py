@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 import fastamp
 from fastamp.distributed import ShardedGradScaler, clip_grad_norm_
-from fastamp.models import build_model, synthetic_batches
+from fastamp.testing.models import build_model, synthetic_batches
 from fastamp.trainer import FusedMixedPrecisionTrainer
 
 WORLD = 2
@@ -189,7 +189,7 @@ def test_functional_sharded_clip_and_process_groups():
 def _ddp_worker(rank: int, rendezvous: str, precision: str) -> None:
     init(rank, rendezvous)
     try:
-        from fastamp.demo import stock_amp_loop
+        from fastamp.cli.demo import stock_amp_loop
 
         torch.manual_seed(0)
         base = build_model("tiny", num_layers=1, d_model=32, num_heads=2, vocab_size=64, seq_len=8)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from torch.overrides import TorchFunctionMode
 
 import fastamp
 from fastamp import GradScaler
+from fastamp.testing import FastampOpCalls, HostReads
 
 SCALERS = {"torch": torch.amp.GradScaler, "fastamp": GradScaler}
 
@@ -742,35 +742,6 @@ def test_skipped_step_leaves_params_and_optimizer_state_bit_identical(optimizer_
 # ---- host syncs -------------------------------------------------------------------------------------
 
 
-class HostReads(TorchFunctionMode):
-    """Counts tensor reads to the host (what syncs on a GPU) made by the scaler, not by optimizer.step."""
-
-    READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self.paused = False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if not self.paused and getattr(func, "__name__", "") in self.READS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-    def exclude(self, optimizer) -> None:
-        """Stop counting inside ``optimizer.step`` (its own host reads are not the scaler's)."""
-        original = optimizer.step
-
-        def step(*args, **kwargs):
-            self.paused = True
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.paused = False
-
-        optimizer.step = step
-
-
 def _count_host_reads(scaler_cls, optimizer_names, clip: str) -> int:
     models = [make_model(i) for i in range(len(optimizer_names))]
     opts = [OPTIMIZERS[name](m.parameters()) for name, m in zip(optimizer_names, models)]
@@ -809,19 +780,6 @@ def test_host_reads_per_step():
 
 def test_exported_from_the_package():
     assert fastamp.GradScaler is GradScaler and "GradScaler" in fastamp.__all__
-
-
-class FastampOpCalls(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the fastamp ops that run (each multi-tensor op is one pass over the gradients)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: List[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "fastamp":
-            self.calls.append(func._opname)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("fused", [False, True])

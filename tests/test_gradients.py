@@ -1,4 +1,4 @@
-"""The gradient core (fastamp.gradients) and the clip paths on it: the drifts that one core fixes."""
+"""The gradient core (fastamp._gradients) and the clip paths on it: the drifts that one core fixes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from fastamp import GradScaler, gradients
+from fastamp import GradScaler
+from fastamp import _gradients as gradients
 from fastamp.distributed import clip_grad_norm_ as sharded_clip
 from fastamp.trainer import FusedMixedPrecisionTrainer
 

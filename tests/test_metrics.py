@@ -1,4 +1,4 @@
-"""fastamp.metrics and fastamp.plots: the step history, the timer, memory, and the matplotlib guard."""
+"""fastamp._metrics and fastamp._plots: the step history, the timer, memory, and the matplotlib guard."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fastamp.metrics import StepHistory, StepTimer, memory_mb, read_scalars, training_statistics
+from fastamp._metrics import StepHistory, StepTimer, memory_mb, read_scalars, training_statistics
 
 
 def test_history_reads_what_was_recorded_after_what_was_restored():
@@ -33,8 +33,8 @@ def test_read_scalars_and_memory():
 
 def test_fastamp_imports_and_measures_memory_without_the_unix_only_resource_module():
     code = ("import sys; sys.modules['resource'] = None\n"
-            "import torch, fastamp, fastamp.trainer, fastamp.demo\n"
-            "from fastamp.metrics import memory_mb\n"
+            "import torch, fastamp, fastamp.trainer, fastamp.cli.demo\n"
+            "from fastamp._metrics import memory_mb\n"
             "assert memory_mb(torch.device('cpu')) >= 0; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
@@ -42,7 +42,7 @@ def test_fastamp_imports_and_measures_memory_without_the_unix_only_resource_modu
 
 def test_the_plot_guard_names_what_needs_matplotlib():
     code = ("import sys; sys.modules['matplotlib'] = None\n"
-            "from fastamp.plots import pyplot\n"
+            "from fastamp._plots import pyplot\n"
             "try:\n    pyplot('plot_gemm')\nexcept ImportError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "plot_gemm needs matplotlib: pip install 'fastamp[plot]'" in out.stdout, out.stderr

@@ -1,4 +1,4 @@
-"""FusedMixedPrecisionTrainer on CPU, against the hand-written stock AMP loop (fastamp.demo.stock_amp_loop)."""
+"""FusedMixedPrecisionTrainer on CPU, against the hand-written stock AMP loop (fastamp.cli.demo.stock_amp_loop)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from fastamp import GradScaler
-from fastamp.demo import stock_amp_loop
-from fastamp.models import build_model, synthetic_batches
-from fastamp.trainer import FusedMixedPrecisionTrainer, StepResult, normalize_precision, plot_dashboard
-
-from .test_grad_scaler import HostReads
+from fastamp._plots import plot_dashboard
+from fastamp._precision import normalize_precision
+from fastamp.cli.demo import stock_amp_loop
+from fastamp.testing import HostReads
+from fastamp.testing.models import build_model, synthetic_batches
+from fastamp.trainer import FusedMixedPrecisionTrainer, StepResult
 
 PRECISIONS = ["fp32", "fp16", "bf16"]
 

@@ -13,7 +13,7 @@ import torch
 
 import fastamp
 from fastamp import ops
-from fastamp.check import grad_cases
+from fastamp.cli.check import grad_cases
 
 
 def main() -> int:

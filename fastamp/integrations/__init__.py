@@ -2,7 +2,7 @@
 
 - :func:`apply_fastamp`: Hugging Face Accelerate's ``Accelerator`` or the Transformers ``Trainer``
   (``pip install 'fastamp[hf]'``).
-- Lightning: :mod:`fastamp.lightning` (a precision plugin, since Lightning has an extension point).
+- Lightning: :mod:`fastamp.integrations.lightning` (a precision plugin, since Lightning has an extension point).
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ from typing import Any, Callable, Iterable, List, Optional
 import torch
 from torch import Tensor
 
+from .._gradients import clip_gradients, grads_by_device
 from ..grad_scaler import GradScaler
-from ..gradients import clip_gradients, grads_by_device
 
 __all__ = ["apply_fastamp"]
 

@@ -41,7 +41,6 @@ import torch
 from torch import Tensor
 
 from .. import _extension  # noqa: F401  (loads the kernels and registers fallbacks)
-from . import _reference as reference  # the pure-PyTorch implementation: the fallback and the test oracle
 from ._library import OP_NAMES
 from ._reference import NonFiniteRecord, kernel_dtypes
 from ._reference import nonfinite_report as _nonfinite_report
@@ -53,7 +52,6 @@ __all__ = [
     "grad_norm",
     "kernel_dtypes",
     "nonfinite_report",
-    "reference",
     "scale_",
     "unscale_check_",
     "unscale_check_norm_",

@@ -11,7 +11,7 @@ import torch
 
 import fastamp
 from fastamp import ops
-from fastamp.ops import _reference
+from fastamp.testing import reference as _reference
 
 pytestmark = [
     pytest.mark.cuda,

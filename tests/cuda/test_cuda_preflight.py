@@ -12,7 +12,7 @@ import torch
 
 import fastamp
 from fastamp import ops
-from fastamp.ops import reference
+from fastamp.testing import reference
 
 pytestmark = [
     pytest.mark.cuda,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastamp import gradients
+from fastamp import _gradients as gradients
 
 pytestmark = [
     pytest.mark.cuda,
@@ -61,7 +61,7 @@ def test_trainer_without_scaler_folds_the_clip_with_fp64_cuda_grads():
 
 def test_lightning_plugin_norm_is_on_its_device_and_spans_devices():
     pytest.importorskip("lightning.pytorch")
-    from fastamp.lightning import FusedMixedPrecision
+    from fastamp.integrations.lightning import FusedMixedPrecision
 
     plugin = FusedMixedPrecision("bf16-mixed", "cuda")
     empty = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3, device="cuda"))], lr=0.1)

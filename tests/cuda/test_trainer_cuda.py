@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from fastamp.demo import run_demo
-from fastamp.models import build_model, synthetic_batches
+from fastamp.cli.demo import run_demo
+from fastamp.testing.models import build_model, synthetic_batches
 from fastamp.trainer import FusedMixedPrecisionTrainer
 
 pytestmark = [

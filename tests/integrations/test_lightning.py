@@ -1,4 +1,4 @@
-"""fastamp.lightning on CPU: the plugin against Lightning's own MixedPrecision plugin, checkpoints both
+"""fastamp.integrations.lightning on CPU: the plugin against Lightning's own MixedPrecision plugin, checkpoints both
 ways, manual optimization, and the AMPMonitor callback on an injected overflow."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ L = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
 from fastamp import GradScaler  # noqa: E402
-from fastamp.lightning import AMPMonitor, FusedMixedPrecision  # noqa: E402
+from fastamp.integrations.lightning import AMPMonitor, FusedMixedPrecision  # noqa: E402
 
 
 class Regression(L.LightningModule):

@@ -14,7 +14,7 @@ __all__ = ["main"]
 def _info(args: argparse.Namespace) -> int:
     import fastamp
 
-    from .analysis import hardware_report
+    from ..analysis import hardware_report
 
     info = fastamp.build_info()
     hardware = hardware_report()
@@ -54,7 +54,7 @@ def _check(args: argparse.Namespace) -> int:
 def _build_kernels(args: argparse.Namespace) -> int:
     import torch
 
-    from . import _build
+    from .. import _build
 
     if args.cuda_arch:
         archs = _build.parse_arch_list(args.cuda_arch)
@@ -84,7 +84,7 @@ def _build_kernels(args: argparse.Namespace) -> int:
 
 
 def _gemm(args: argparse.Namespace) -> int:
-    from . import gemm
+    from .. import gemm
 
     shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shape] if args.shape else gemm.DEFAULT_SHAPES
     dtypes = [d for group in args.dtype for d in group] if args.dtype else None
@@ -102,9 +102,9 @@ def _gemm(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     import torch
 
-    from .analysis import PrecisionAnalyzer, analyze_gradients, plot_gradient_histogram
-    from .gemm import audit_model
-    from .models import build_model, synthetic_batches
+    from ..analysis import PrecisionAnalyzer, analyze_gradients, plot_gradient_histogram
+    from ..gemm import audit_model
+    from ..testing.models import build_model, synthetic_batches
 
     torch.manual_seed(0)
     model = build_model(args.model)
@@ -246,6 +246,3 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     return args.func(args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

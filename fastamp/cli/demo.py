@@ -19,10 +19,11 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from .metrics import StepHistory, StepTimer, memory_mb, training_statistics
-from .models import MODEL_SIZES, TransformerLM, build_model, synthetic_batches
-from .precision import autocast_dtype, normalize_precision
-from .trainer import FusedMixedPrecisionTrainer, plot_dashboard
+from .._metrics import StepHistory, StepTimer, memory_mb, training_statistics
+from .._plots import plot_dashboard
+from .._precision import autocast_dtype, normalize_precision
+from ..testing.models import MODEL_SIZES, TransformerLM, build_model, synthetic_batches
+from ..trainer import FusedMixedPrecisionTrainer
 
 __all__ = ["default_precision", "run_demo", "stock_amp_loop"]
 

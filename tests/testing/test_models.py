@@ -1,4 +1,4 @@
-"""fastamp.models: the test transformer and its synthetic task."""
+"""fastamp.testing.models: the test transformer and its synthetic task."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from fastamp.models import MODEL_SIZES, TransformerConfig, TransformerLM, build_model, synthetic_batches
+from fastamp.testing.models import MODEL_SIZES, TransformerConfig, TransformerLM, build_model, synthetic_batches
 
 
 def test_forward_returns_logits_and_cross_entropy_loss():

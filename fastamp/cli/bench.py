@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor
 
-from . import ops
+from .. import ops
 
 __all__ = [
     "CASES",
@@ -245,7 +245,7 @@ class _OptimizerStep:
         self.stock, self.fused = stock, fused
 
     def __call__(self, s: BenchState) -> None:
-        from .grad_scaler import GradScaler
+        from ..grad_scaler import GradScaler
 
         key = (self.stock, self.fused)
         runner = s.optimizer_runs.get(key)
@@ -380,7 +380,7 @@ def _cpu_model() -> str:
 
 def environment(device: str) -> Dict[str, Any]:
     """Where a result was measured: device, CPU model and threads, versions, git commit."""
-    from . import __version__, build_info
+    from .. import __version__, build_info
 
     info = build_info()
     env = {

@@ -23,10 +23,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import ops
-from ._extension import extension_status
-from .grad_scaler import GradScaler
-from .ops import reference
+from .. import ops
+from .._extension import extension_status
+from ..grad_scaler import GradScaler
+from ..testing import reference
 
 __all__ = ["CheckResult", "CheckReport", "format_report", "main_exit_code", "run_checks"]
 

@@ -9,19 +9,19 @@ import sys
 import pytest
 
 import fastamp
-from fastamp import check
+from fastamp.cli import check
 
 # Each replaces one CPU kernel, in a fresh process, with a subtly wrong one.
 BROKEN_KERNELS = {
     "scale_": "def broken(tensors, factor, found_inf):\n"
-              "    ops.reference.scale_(tensors, factor * 1.0001, found_inf)\n",
+              "    reference.scale_(tensors, factor * 1.0001, found_inf)\n",
     "grad_norm": "def broken(grads, inv_scale, found_inf, per_tensor):\n"
                  "    wrong = None if inv_scale is None else inv_scale * 1.00001\n"
-                 "    return ops.reference.grad_norm(grads, wrong, found_inf, per_tensor)\n",
+                 "    return reference.grad_norm(grads, wrong, found_inf, per_tensor)\n",
     "unscale_check_": "def broken(grads, found_inf, inv_scale):  # never flags non-finite values\n"
-                      "    ops.reference.unscale_check_(grads, torch.zeros_like(found_inf), inv_scale)\n",
+                      "    reference.unscale_check_(grads, torch.zeros_like(found_inf), inv_scale)\n",
     "update_scale_": "def broken(scale, tracker, found_inf, growth, backoff, interval, hysteresis, htracker, lo, hi):\n"
-                     "    ops.reference.update_scale_(scale, tracker, found_inf, growth, backoff, interval + 1,\n"
+                     "    reference.update_scale_(scale, tracker, found_inf, growth, backoff, interval + 1,\n"
                      "                                hysteresis, htracker, lo, hi)\n",
 }
 
@@ -61,6 +61,7 @@ def test_check_fails_when_a_kernel_is_wrong(op):
     _kernels_here()
     code = (
         "import sys, warnings, torch\nimport fastamp\nfrom fastamp import ops\nfrom fastamp.cli import main\n"
+        "from fastamp.testing import reference\n"
         + BROKEN_KERNELS[op]
         + "lib = torch.library.Library('fastamp', 'IMPL')\n"
         "with warnings.catch_warnings():\n    warnings.simplefilter('ignore')\n"

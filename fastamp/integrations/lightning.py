@@ -28,14 +28,16 @@ try:
     from lightning.pytorch.plugins.precision import MixedPrecision, Precision
     from lightning.pytorch.utilities import GradClipAlgorithmType
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("fastamp.lightning needs Lightning: pip install 'fastamp[lightning]'") from e
+    raise ImportError("fastamp.integrations.lightning needs Lightning: pip install 'fastamp[lightning]'") from e
 
-from . import ops
-from .batch import LossFn
-from .forensics import OverflowDiagnosis, OverflowWatch, diagnose_overflow
-from .grad_scaler import GradScaler, OptState
-from .gradients import clip_gradients, grads_by_device
-from .metrics import memory_mb
+from torch.amp.grad_scaler import OptState
+
+from .. import ops
+from .._batch import LossFn
+from .._gradients import clip_gradients, grads_by_device
+from .._metrics import memory_mb
+from ..forensics import OverflowDiagnosis, OverflowWatch, diagnose_overflow
+from ..grad_scaler import GradScaler
 
 __all__ = ["AMPMonitor", "FusedMixedPrecision"]
 

@@ -1,4 +1,4 @@
-"""fastamp.bench and ``fastamp bench``: the runner's bookkeeping (not the speed), the result files and the
+"""fastamp.cli.bench and ``fastamp bench``: the runner's bookkeeping (not the speed), the result files and the
 README's results block, which must be the rendering of the committed results."""
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import os
 import pytest
 import torch
 
-from fastamp import bench
-from fastamp.cli import main
+from fastamp.cli import bench, main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_summarize():

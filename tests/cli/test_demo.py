@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastamp.cli import main
-from fastamp.demo import default_precision, run_demo
+from fastamp.cli.demo import default_precision, run_demo
 
 
 def test_run_demo_writes_results_and_dashboard(tmp_path):

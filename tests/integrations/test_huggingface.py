@@ -17,8 +17,7 @@ from accelerate.state import AcceleratorState  # noqa: E402
 
 from fastamp import GradScaler  # noqa: E402
 from fastamp.integrations import apply_fastamp  # noqa: E402
-
-from .test_grad_scaler import FastampOpCalls  # noqa: E402
+from fastamp.testing import FastampOpCalls  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
