@@ -4,11 +4,14 @@ Every clip path in fastamp (``GradScaler.clip_grad_norm_``, ``ShardedGradScaler`
 ``fastamp.distributed.clip_grad_norm_``, the Lightning plugin and ``FusedMixedPrecisionTrainer``) goes
 through :func:`clip_gradients`:
 
-1. gradients collected by device (:func:`grads_by_device`: dense, sparse values, DTensor shards);
+1. gradients collected by device (:func:`grads_by_device`: dense, sparse values, DTensor shards),
+   and for a job across ranks sorted by :func:`local_grads` into those this rank counts in the global
+   norm and the replicas another rank counts (read from DTensor placements; said for plain tensors);
 2. split into what fastamp's kernels take and what PyTorch's ops take (:func:`split_for_kernels`:
    fp32/fp16/bf16 anywhere, fp64 on CPU; fp64 on CUDA goes to PyTorch);
 3. per device, one read pass for the norm and found_inf (:func:`norm_and_check`);
-4. reduced across devices here, and across ranks by the caller's ``reduce`` (one packed all-reduce);
+4. reduced across devices here, and across ranks in ONE packed all-reduce (:func:`reduce_across_ranks`)
+   whatever the number of meshes and dtypes, so that every rank gets the same norm and flag bit for bit;
 5. the clip coefficient, and the factor that unscales and clips in one multiply.
 
 The caller then either folds the factor into a fused optimizer's ``grad_scale`` or writes it
@@ -20,33 +23,40 @@ inf) means no coefficient at all: the factor is exactly ``inv_scale`` (or nothin
 from __future__ import annotations
 
 import math
+import weakref
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
 
 __all__ = [
     "ClipResult",
+    "LayoutError",
+    "LocalGrads",
     "PerDevice",
-    "Reduce",
+    "ReplicatedOver",
     "clip_gradients",
     "grads_by_device",
     "is_dtensor",
     "kernel_handles",
+    "local_grads",
     "merge_by_device",
     "norm_and_check",
+    "reduce_across_ranks",
+    "reduce_found_inf_across_ranks",
     "scale_grads_",
     "split_for_kernels",
     "unscale_check_grads_",
 ]
 
 GradSource = Union[torch.optim.Optimizer, Tensor]
-# (total_norm, found_inf) -> the global (total_norm, found_inf); a sharded job all-reduces here.
-Reduce = Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]
+# Who holds copies of a plain (non-DTensor) gradient: see :func:`local_grads`.
+ReplicatedOver = Union[str, None, "dist.ProcessGroup", Any, Callable[[Tensor], Any]]
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -84,36 +94,49 @@ class PerDevice:
         return copy
 
 
-def _params_of(sources: Iterable[GradSource]) -> Iterable[Tensor]:
-    for source in sources:
+def _named_params(sources: Iterable[GradSource]) -> Iterator[Tuple[str, Tensor]]:
+    """Each parameter with a name for error messages: where it sits in its optimizer, or in the list."""
+    for i, source in enumerate(sources):
         if isinstance(source, torch.optim.Optimizer):
-            for group in source.param_groups:
-                for param in group["params"]:
+            for g, group in enumerate(source.param_groups):
+                for p, param in enumerate(group["params"]):
                     if not isinstance(param, Tensor):
                         raise AssertionError(f"expected param to be torch.Tensor, got {type(param).__name__}")
-                    yield param
+                    yield f"{type(source).__name__}.param_groups[{g}]['params'][{p}]", param
         else:
-            yield source
+            yield f"parameters[{i}]", source
+
+
+def _as_sources(sources: Union[GradSource, Iterable[GradSource]]) -> List[GradSource]:
+    if isinstance(sources, (torch.optim.Optimizer, Tensor)):
+        return [sources]
+    return list(sources)
+
+
+def _local_view(param: Tensor) -> Optional[Tensor]:
+    """The gradient as this rank holds it: the local shard of a DTensor (a view, written in place),
+    the values of a sparse grad (fp16 ones coalesced first, as PyTorch does: duplicate indices of
+    scaled values can overflow when summed later)."""
+    grad = param.grad
+    if grad is None:
+        return None
+    if is_dtensor(grad):
+        grad = grad.to_local()
+    if grad.is_sparse:
+        if grad.dtype is torch.float16:
+            param.grad = grad = grad.coalesce()
+        grad = grad._values()
+    return grad
 
 
 def grads_by_device(sources: Union[GradSource, Iterable[GradSource]]) -> Dict[torch.device, List[Tensor]]:
-    """The gradients of optimizers or parameters, grouped by device: DTensor grads as the local shard
-    (a view, written in place), sparse grads as their values (fp16 ones coalesced first, as PyTorch
-    does: duplicate indices of scaled values can overflow when summed later)."""
-    if isinstance(sources, (torch.optim.Optimizer, Tensor)):
-        sources = [sources]
+    """The gradients of optimizers or parameters as this rank holds them, grouped by device (DTensor
+    grads as their local shard, sparse grads as their values)."""
     by_device: Dict[torch.device, List[Tensor]] = defaultdict(list)
-    for param in _params_of(sources):
-        grad = param.grad
-        if grad is None:
-            continue
-        if is_dtensor(grad):
-            grad = grad.to_local()
-        if grad.is_sparse:
-            if grad.dtype is torch.float16:
-                param.grad = grad = grad.coalesce()
-            grad = grad._values()
-        by_device[grad.device].append(grad)
+    for _, param in _named_params(_as_sources(sources)):
+        grad = _local_view(param)
+        if grad is not None:
+            by_device[grad.device].append(grad)
     return dict(by_device)
 
 
@@ -124,6 +147,237 @@ def merge_by_device(groups: Iterable[Dict[torch.device, List[Tensor]]]) -> Dict[
         for device, grads in group.items():
             merged[device].extend(grads)
     return dict(merged)
+
+
+# ---- where the ranks' gradients meet ------------------------------------------------------------------
+
+
+class LayoutError(ValueError):
+    """Gradients whose layout across ranks fastamp cannot count exactly once (names the parameter)."""
+
+
+@dataclass
+class LocalGrads:
+    """A rank's gradients, and how they enter the global norm.
+
+    ``counted``: the local tensors this rank counts in the global norm; ``duplicates``: tensors whose
+    every element some other rank counts (a replica), checked for inf/nan but not counted here. The sum
+    over the ranks of ``group`` of each rank's counted squares is the global squared norm, every element
+    counted exactly once. ``group`` is None when nothing crosses ranks (one process, or DDP, whose
+    gradients are already reduced).
+    """
+
+    counted: Dict[torch.device, List[Tensor]] = field(default_factory=dict)
+    duplicates: Dict[torch.device, List[Tensor]] = field(default_factory=dict)
+    group: Optional[Any] = None
+    crosses_ranks: bool = False
+
+    @property
+    def by_device(self) -> Dict[torch.device, List[Tensor]]:
+        """Every local gradient (counted or not), by device: what a write touches."""
+        return merge_by_device([self.counted, self.duplicates])
+
+    @staticmethod
+    def merge(parts: Sequence["LocalGrads"]) -> "LocalGrads":
+        """Several optimizers' gradients clipped together (one norm, one collective)."""
+        crossing = [p for p in parts if p.crosses_ranks]
+        groups = {id(p.group): p.group for p in crossing}
+        if len(groups) > 1:
+            raise LayoutError("fastamp: optimizers clipped together reduce over different process groups; "
+                              "clip them separately or give them one process_group")
+        return LocalGrads(merge_by_device([p.counted for p in parts]), merge_by_device([p.duplicates for p in parts]),
+                          next(iter(groups.values()), None), bool(crossing))
+
+
+def _ranks_of(group: Any) -> FrozenSet[int]:
+    """Global ranks of a process group or a device mesh."""
+    if hasattr(group, "mesh") and hasattr(group, "get_coordinate"):  # DeviceMesh
+        return frozenset(int(r) for r in group.mesh.flatten().tolist())
+    return frozenset(dist.get_process_group_ranks(group))
+
+
+def _root_of(mesh: Any) -> Any:
+    get_root = getattr(mesh, "_get_root_mesh", None)
+    if get_root is not None:
+        return get_root()
+    from torch.distributed.device_mesh import _mesh_resources  # torch < 2.12
+
+    return _mesh_resources.get_root_mesh(mesh)
+
+
+@dataclass(frozen=True)
+class _MeshGeometry:
+    root: Tuple[Tuple[int, ...], Tuple[int, ...]]  # the root mesh: its shape and its ranks (a key, not an object)
+    ranks: FrozenSet[int]  # this mesh's ranks
+    spanned: FrozenSet[int]  # the root dims this mesh spans
+    coordinate: Tuple[int, ...]  # this rank's coordinate in the root
+
+
+_GEOMETRY: Dict[int, Tuple[Any, _MeshGeometry]] = {}
+
+
+def _mesh_geometry(mesh: Any) -> _MeshGeometry:
+    """Where a mesh sits in its root mesh, read once per mesh object (host only, no collective).
+
+    A mesh cut from a bigger one (``mesh["dp"]``, a flattened ``mesh["dp", "cp"]._flatten()``) spans
+    the root dims along which a step from this rank stays inside it."""
+    cached = _GEOMETRY.get(id(mesh))
+    if cached is not None and cached[0]() is mesh:
+        return cached[1]
+    root = _root_of(mesh)
+    ranks = _ranks_of(mesh)
+    grid = root.mesh
+    where = (grid == dist.get_rank()).nonzero()
+    coordinate = tuple(int(c) for c in where[0].tolist()) if len(where) else ()
+    spanned = set()
+    for dim, size in enumerate(grid.shape):
+        if size > 1 and coordinate:
+            step = list(coordinate)
+            step[dim] = (step[dim] + 1) % size
+            if int(grid[tuple(step)]) in ranks:
+                spanned.add(dim)
+    key = (tuple(grid.shape), tuple(int(r) for r in grid.flatten().tolist()))
+    geometry = _MeshGeometry(key, ranks, frozenset(spanned), coordinate)
+    _GEOMETRY[id(mesh)] = (weakref.ref(mesh), geometry)
+    return geometry
+
+
+def _placement_kind(placement: Any) -> str:
+    name = type(placement).__name__
+    if name == "_StridedShard" or placement.is_shard():
+        return "shard"
+    if placement.is_replicate():
+        return "replicate"
+    if placement.is_partial():
+        return "partial"
+    return name
+
+
+def _dtensor_counted_here(label: str, grad: Tensor, spanned_by_root: Dict[Any, set]) -> bool:
+    """Whether this rank counts its shard of a DTensor gradient: once per Replicate mesh dim (the
+    coordinate-0 copy), and once along the dims of its root mesh that the grad's mesh does not span but
+    another of this rank's gradients' meshes does (FSDP x TP: a LayerNorm sharded on the dp sub-mesh
+    is replicated over tp). Root dims no gradient here spans hold other parameters (pipeline stages)."""
+    mesh = grad.device_mesh
+    for dim, placement in enumerate(grad.placements):
+        kind = _placement_kind(placement)
+        if kind == "partial":
+            raise LayoutError(
+                f"fastamp: the gradient of {label} (shape {list(grad.shape)}) is Partial on mesh dim {dim} of "
+                f"{mesh}: its shards are unreduced sums, whose norm is not the gradient's. Reduce it first "
+                f"(grad.redistribute(placements=[Replicate() ...]) or let FSDP/TP reduce it) before clipping.")
+        if kind not in ("shard", "replicate"):
+            raise LayoutError(f"fastamp: the gradient of {label} has placement {placement!r} on mesh dim {dim}, which "
+                              "fastamp does not know how to count; supported: Shard, _StridedShard, Replicate")
+    coordinate_on = mesh.get_coordinate()
+    if coordinate_on is None:
+        return False  # this rank is not in the mesh: it holds nothing of it
+    for dim, placement in enumerate(grad.placements):
+        if _placement_kind(placement) == "replicate" and coordinate_on[dim] != 0:
+            return False
+    geometry = _mesh_geometry(mesh)
+    for dim in spanned_by_root[geometry.root] - geometry.spanned:
+        if geometry.coordinate[dim] != 0:
+            return False
+    return True
+
+
+def local_grads(
+    sources: Union[GradSource, Iterable[GradSource]],
+    *,
+    process_group: Optional[Any] = None,
+    replicated_over: ReplicatedOver = "auto",
+    plain_grads_are_shards: bool = False,
+) -> LocalGrads:
+    """This rank's gradients, sorted into those it counts in the global norm and the replicas others count.
+
+    DTensor gradients say how they are held: ``Shard`` (strided too) counts fully, each ``Replicate``
+    mesh dim contributes once, ``Partial`` is refused (:class:`LayoutError`, naming the parameter).
+    Plain gradients are held as ``replicated_over`` says:
+
+    - ``"auto"`` (default): with DTensor gradients present, plain ones (TP's unsharded modules) are
+      identical on every rank of the DTensors' meshes; without, they are this rank's alone: shards
+      when ``plain_grads_are_shards`` (ZeRO-style, the sharded scaler), else already global (one
+      process, DDP: no collective at all).
+    - ``None``: disjoint: each rank holds its own (a pipeline stage's parameters, experts).
+    - a process group or a device mesh: identical on its ranks (DDP's data-parallel group).
+    - a callable ``param -> one of those``: per parameter (expert parallel: ``None`` for experts,
+      the data-parallel group for the dense layers).
+
+    ``process_group`` (default: the world) is the group of the one all-reduce: it must hold every rank
+    that holds a piece of these gradients.
+    """
+    named = [(label, param) for label, param in _named_params(_as_sources(sources)) if param.grad is not None]
+    dtensors = [(label, param.grad) for label, param in named if is_dtensor(param.grad)]
+    distributed = dist.is_available() and dist.is_initialized()
+    crosses = bool(dtensors) or (distributed and (plain_grads_are_shards or replicated_over not in ("auto",)))
+    result = LocalGrads(crosses_ranks=crosses)
+    if crosses and not distributed:
+        raise LayoutError("fastamp: these gradients are held across ranks, but torch.distributed is not initialized")
+    if not crosses:
+        result.counted = grads_by_device([param for _, param in named])
+        return result
+    group = process_group if process_group is not None else dist.group.WORLD
+    result.group = group
+    group_ranks = None if group is dist.group.WORLD else _ranks_of(group)
+    me = dist.get_rank()
+
+    spanned_by_root: Dict[Any, set] = defaultdict(set)
+    mesh_ranks: set = set()
+    for label, grad in dtensors:
+        geometry = _mesh_geometry(grad.device_mesh)
+        ranks = geometry.ranks
+        if group_ranks is not None and not ranks <= group_ranks:
+            raise LayoutError(
+                f"fastamp: the gradient of {label} lives on {grad.device_mesh}, whose ranks {sorted(ranks)} are not all "
+                f"in the process group of the reduction ({sorted(group_ranks)}): pass a process_group that spans every "
+                f"mesh (the default, the world, always does)")
+        spanned_by_root[geometry.root] |= geometry.spanned
+        mesh_ranks |= ranks
+
+    def plain_copies(param: Tensor) -> Optional[FrozenSet[int]]:
+        holders = replicated_over(param) if callable(replicated_over) else replicated_over
+        if holders == "auto":
+            return frozenset(mesh_ranks) if dtensors else None
+        if holders is None:
+            return None
+        return _ranks_of(holders)
+
+    counted: Dict[torch.device, List[Tensor]] = defaultdict(list)
+    duplicates: Dict[torch.device, List[Tensor]] = defaultdict(list)
+    for label, param in named:
+        grad = param.grad
+        local = _local_view(param)
+        if is_dtensor(grad):
+            here = _dtensor_counted_here(label, grad, spanned_by_root)
+        else:
+            copies = plain_copies(param)
+            if copies is not None and group_ranks is not None and not copies <= group_ranks:
+                raise LayoutError(f"fastamp: {label} is replicated over ranks {sorted(copies)}, not all in the reduction's "
+                                  f"process group ({sorted(group_ranks)})")
+            here = copies is None or me == min(copies)
+        (counted if here else duplicates)[local.device].append(local)
+    result.counted, result.duplicates = dict(counted), dict(duplicates)
+    return result
+
+
+def reduce_across_ranks(local_norm: Tensor, found_inf: Tensor, group: Optional[Any] = None) -> Tuple[Tensor, Tensor]:
+    """The global L2 norm and found_inf from each rank's counted norm and local flag, in ONE all-reduce.
+
+    Packs ``[local_norm**2, found_inf]`` in fp64 and sums them over ``group`` (default: the world); every
+    rank gets the same sum bit for bit, so every rank takes the same decision. Returns ``(sqrt(sum) as
+    fp32, 1.0 if any rank found inf/nan else 0.0)`` on ``local_norm``'s device, without a host sync.
+    """
+    packed = torch.stack([local_norm.double().reshape(()).square(), found_inf.double().reshape(()).to(local_norm.device)])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    return packed[0].sqrt().float(), (packed[1] > 0).float().to(found_inf.device)
+
+
+def reduce_found_inf_across_ranks(found_inf: Tensor, group: Optional[Any] = None) -> Tensor:
+    """found_inf from every rank (any rank's overflow skips the step everywhere): one all-reduce."""
+    flag = found_inf.reshape(()).float().clone()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return flag.reshape(found_inf.shape)
 
 
 def unscale_check_grads_(grads: List[Tensor], found_inf: Tensor, inv_scale: Tensor) -> None:
@@ -183,10 +437,11 @@ class ClipResult:
     coef: Optional[Tensor]
     factor: Optional[Tensor]
 
-    def apply_(self, by_device: Dict[torch.device, List[Tensor]], skip_on_found_inf: bool = True) -> None:
+    def apply_(self, grads: Union[LocalGrads, Dict[torch.device, List[Tensor]]], skip_on_found_inf: bool = True) -> None:
         """Write the factor into the grads (not on an overflow, unless ``skip_on_found_inf=False``)."""
         if self.factor is None:
             return
+        by_device = grads.by_device if isinstance(grads, LocalGrads) else grads
         factors = PerDevice(self.factor)
         for device, grads in by_device.items():
             flag = self.found_inf_per_device.get(device) if skip_on_found_inf else None
@@ -199,30 +454,37 @@ def clipping_enabled(max_norm: Optional[float]) -> bool:
 
 
 def clip_gradients(
-    by_device: Dict[torch.device, List[Tensor]],
+    grads: Union[LocalGrads, Dict[torch.device, List[Tensor]]],
     max_norm: Optional[float],
     *,
     inv_scale: Optional[Tensor] = None,
     home: Optional[torch.device] = None,
-    reduce: Optional[Reduce] = None,
     error_if_nonfinite: bool = False,
 ) -> ClipResult:
-    """The one clip routine: norm + found_inf of ``g * inv_scale`` in one read per device, reduced
-    across devices (and across ranks by ``reduce``), then the clip coefficient and the combined factor.
-    Writes nothing: see :meth:`ClipResult.apply_`.
+    """The one clip routine: norm + found_inf of ``g * inv_scale`` in one read per device, summed
+    across devices and, for gradients held across ranks (:func:`local_grads`), across ranks in one
+    all-reduce; then the clip coefficient and the combined factor. Writes nothing: see
+    :meth:`ClipResult.apply_`. A plain ``{device: grads}`` is one process's gradients.
 
     ``home`` is where the total norm and the global flag live (default: the first grads' device, else
     the CPU). ``error_if_nonfinite=True`` raises as ``torch.nn.utils.clip_grad_norm_`` does (a host sync).
     """
+    if not isinstance(grads, LocalGrads):
+        grads = LocalGrads(counted=grads)
+    devices = list(dict.fromkeys([*grads.counted, *grads.duplicates]))
     if home is None:
-        home = inv_scale.device if inv_scale is not None else next(iter(by_device), torch.device("cpu"))
+        home = inv_scale.device if inv_scale is not None else next(iter(devices), torch.device("cpu"))
     inv_scales = PerDevice(inv_scale) if inv_scale is not None else None
     flags: Dict[torch.device, Tensor] = {}
     norms: List[Tensor] = []
     with torch.no_grad():
-        for device, grads in by_device.items():
+        for device in devices:
             flags[device] = torch.zeros((), dtype=torch.float32, device=device)
-            norms.append(norm_and_check(grads, inv_scales.get(device) if inv_scales else None, flags[device]))
+            device_inv_scale = inv_scales.get(device) if inv_scales else None
+            if grads.counted.get(device):
+                norms.append(norm_and_check(grads.counted[device], device_inv_scale, flags[device]))
+            if grads.duplicates.get(device):  # replicas: read for inf/nan, counted on another rank
+                norm_and_check(grads.duplicates[device], None, flags[device])
         if not norms:
             total_norm = torch.zeros((), dtype=torch.float32, device=home)
         elif len(norms) == 1:
@@ -235,8 +497,8 @@ def clip_gradients(
             found_inf = next(iter(flags.values())).to(home, non_blocking=True)
         else:
             found_inf = torch.stack([f.to(home, non_blocking=True) for f in flags.values()]).amax()
-        if reduce is not None:
-            total_norm, found_inf = reduce(total_norm, found_inf)
+        if grads.crosses_ranks:
+            total_norm, found_inf = reduce_across_ranks(total_norm, found_inf, grads.group)
         if error_if_nonfinite and bool(torch.logical_or(total_norm.isnan(), total_norm.isinf())):
             raise RuntimeError(
                 "The total norm of order 2.0 for gradients from `parameters` is non-finite, so it cannot be "

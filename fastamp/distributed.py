@@ -1,46 +1,34 @@
-"""fastamp on torch.distributed: DDP, FSDP2 and any job where each rank holds a shard of the gradients.
+"""fastamp on torch.distributed: DDP, FSDP2, HSDP, tensor / pipeline / expert parallelism, on any DeviceMesh.
 
-* DDP: :class:`fastamp.GradScaler` and :class:`fastamp.FusedMixedPrecisionTrainer` work unchanged (DDP
-  has already all-reduced the grads; the trainer accumulates under ``no_sync()``).
-* Sharded grads (FSDP2 ``fully_shard``, ZeRO-style shards, DTensor grads): :class:`ShardedGradScaler`,
-  a drop-in for ``torch.distributed.fsdp.sharded_grad_scaler.ShardedGradScaler``, and
-  :func:`clip_grad_norm_`. Each rank computes found_inf and the squared norm of its shard in one pass;
-  both travel in ONE packed all-reduce, and every rank then takes the same decision on the device:
-  skip on every rank if any rank overflowed, clip with the global norm. No host sync is needed for the
-  decision (PyTorch's sharded scaler all-reduces found_inf per device, and the clip's norm separately).
+The global gradient norm counts every element exactly once, whatever the layout, and travels with
+found_inf in ONE all-reduce per step; every rank gets the same norm, clip coefficient and skip decision
+bit for bit, so replicas stay identical and an overflow on any rank skips the step everywhere.
+
+* DTensor gradients (``fully_shard`` on a 1-D or 2-D mesh, HSDP, TP, FSDP x TP, experts on a sub-mesh,
+  pipeline stages on sub-meshes) say how they are held: nothing to pass, to any entry point
+  (:class:`fastamp.GradScaler`, :class:`ShardedGradScaler`, :func:`clip_grad_norm_`, the trainer,
+  the Lightning plugin, ``apply_fastamp``). ``Shard`` counts fully, a ``Replicate`` mesh dim once,
+  ``Partial`` is refused naming the parameter.
+* Plain-tensor gradients say it with ``replicated_over`` (see :func:`fastamp._gradients.local_grads`):
+  DDP's grads are replicas over its group (or use :class:`fastamp.GradScaler`, which needs no
+  collective for them); a pipeline stage's own parameters and experts are disjoint (``None``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Optional, Tuple, Union
+from typing import Iterable, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._gradients import clip_gradients, grads_by_device
+from ._gradients import LayoutError, LocalGrads, ReplicatedOver, clip_gradients, local_grads, reduce_across_ranks
 from .grad_scaler import GradScaler
 
-__all__ = ["ShardedGradScaler", "clip_grad_norm_", "reduce_norm_and_found_inf"]
+__all__ = ["LayoutError", "ShardedGradScaler", "clip_grad_norm_", "reduce_across_ranks"]
 
 ProcessGroup = Optional["dist.ProcessGroup"]
-
-
-def reduce_norm_and_found_inf(
-    local_norm: Tensor, found_inf: Tensor, process_group: ProcessGroup = None
-) -> Tuple[Tensor, Tensor]:
-    """Global L2 norm and found_inf from each rank's local ones, in one all-reduce.
-
-    Packs ``[local_norm**2, found_inf]`` in fp64, sums them across ``process_group`` (default: the
-    world), and returns ``(sqrt(sum of squares) as fp32, 1.0 if any rank found inf/nan else 0.0)``,
-    both on ``local_norm``'s device, without a host sync.
-    """
-    packed = torch.stack([local_norm.double().reshape(()).square(), found_inf.double().reshape(())])
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
-    total_norm = packed[0].sqrt().float()
-    found = (packed[1] > 0).float()
-    return total_norm, found.to(found_inf.device)
 
 
 def clip_grad_norm_(
@@ -49,23 +37,33 @@ def clip_grad_norm_(
     process_group: ProcessGroup = None,
     inv_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
+    *,
+    replicated_over: ReplicatedOver = "auto",
 ) -> Tensor:
-    """Clip sharded gradients to a global L2 norm: ``torch.nn.utils.clip_grad_norm_`` for grads split
-    across ranks (plain shards or DTensor grads), with one all-reduce and no host sync.
+    """Clip gradients held across ranks to their global L2 norm: ``torch.nn.utils.clip_grad_norm_`` for
+    any layout, in one all-reduce, with no host sync.
 
-    Each rank passes the parameters whose gradient shards it holds. With ``inv_scale`` the grads are
-    unscaled by the same multiply and the norm is that of the unscaled grads; ``found_inf`` (if given)
-    receives the global inf/nan flag, and then nothing is written when it is set. Returns the global norm
-    (fp32, on the grads' device). All grads of a rank must be on one device.
+    Each rank passes the parameters whose gradients (or shards of them) it holds. DTensor gradients
+    need nothing more, on any mesh. Plain gradients are this rank's shards (ZeRO-style) unless
+    ``replicated_over`` says they are replicas over a group (DDP) or per parameter (a callable: expert
+    parallelism); ``"auto"`` takes plain gradients next to DTensor ones as replicas over the DTensors'
+    meshes (TP's unsharded modules). ``process_group`` (default: the world) is the group of the
+    all-reduce; it must hold every rank that holds a piece of the gradients.
+
+    With ``inv_scale`` the grads are unscaled by the same multiply and the norm is that of the unscaled
+    grads; ``found_inf`` (if given) receives the global inf/nan flag, and then nothing is written when
+    it is set. Returns the global norm (fp32, on the grads' device). All grads of a rank must be on one
+    device.
     """
-    by_device = grads_by_device(list(parameters) if not isinstance(parameters, Tensor) else parameters)
+    grads = local_grads(parameters if isinstance(parameters, Tensor) else list(parameters),
+                        process_group=process_group, replicated_over=replicated_over, plain_grads_are_shards=True)
+    by_device = grads.by_device
     if len(by_device) > 1:
         raise ValueError(f"fastamp.distributed.clip_grad_norm_: grads on several devices {sorted(map(str, by_device))}")
     home = next(iter(by_device), inv_scale.device if inv_scale is not None else torch.device("cpu"))
-    result = clip_gradients(by_device, max_norm, inv_scale=inv_scale, home=home,
-                            reduce=lambda norm, found: reduce_norm_and_found_inf(norm, found, process_group))
+    result = clip_gradients(grads, max_norm, inv_scale=inv_scale, home=home)
     with torch.no_grad():
-        result.apply_(by_device, skip_on_found_inf=found_inf is not None)
+        result.apply_(grads, skip_on_found_inf=found_inf is not None)
         if found_inf is not None:
             found = result.found_inf.to(found_inf.device)
             found_inf.copy_(torch.maximum(found_inf.reshape(found.shape), found).reshape(found_inf.shape))
@@ -73,23 +71,26 @@ def clip_grad_norm_(
 
 
 class ShardedGradScaler(GradScaler):
-    """:class:`fastamp.GradScaler` for sharded gradients (FSDP2, ZeRO-style shards), a drop-in for
+    """:class:`fastamp.GradScaler` for gradients held across ranks, a drop-in for
     ``torch.distributed.fsdp.sharded_grad_scaler.ShardedGradScaler`` (same constructor, argument order
     included, and same behaviour), with fastamp's additions.
 
     ``unscale_`` (and the check for fused optimizers) all-reduces found_inf once per optimizer, so that
     every rank skips the step when any rank overflowed. :meth:`clip_grad_norm_` sends found_inf and the
-    squared shard norm in one packed all-reduce and clips with the global norm. fp16 grads are accepted,
-    as in PyTorch's sharded scaler. Every rank must call the same methods in the same order (they are
-    collectives), including ranks that hold no gradients.
+    squared norm of what this rank counts in ONE all-reduce and clips with the global norm, every
+    element counted once on any mesh (FSDP2, HSDP, TP, FSDP x TP, pipeline, experts). fp16 grads are
+    accepted, as in PyTorch's sharded scaler. Every rank of ``process_group`` must call the same methods
+    in the same order (they are collectives), including ranks that hold no gradients.
 
     Args:
-        process_group: the group the gradients are sharded over (default: the world); for hybrid
-            sharding, the shard group.
+        process_group: the group of the all-reduce (default: the world). It must hold every rank that
+            holds a piece of the gradients: the world is always right; for DTensor grads no other group
+            is needed on any mesh (HSDP included).
+        replicated_over: how plain (non-DTensor) gradients are held (see
+            :func:`fastamp.distributed.clip_grad_norm_`); default ``"auto"``: ZeRO-style shards, or
+            replicas over the DTensors' meshes when DTensor gradients are present.
         The others: as :class:`fastamp.GradScaler`.
     """
-
-    _record_checks_without_grads = True
 
     def __init__(
         self,
@@ -101,6 +102,7 @@ class ShardedGradScaler(GradScaler):
         enabled: bool = True,
         process_group: ProcessGroup = None,
         *,
+        replicated_over: ReplicatedOver = "auto",
         hysteresis: int = 1,
         min_scale: float = 0.0,
         max_scale: float = math.inf,
@@ -109,27 +111,15 @@ class ShardedGradScaler(GradScaler):
                          growth_interval=growth_interval, enabled=enabled, hysteresis=hysteresis,
                          min_scale=min_scale, max_scale=max_scale)
         self.process_group = process_group if process_group is not None else dist.group.WORLD
+        self.replicated_over = replicated_over
 
-    def reduce_found_inf(self, found_inf_per_device: Dict[torch.device, Tensor]) -> Dict[torch.device, Tensor]:
-        """One all-reduce of this optimizer's found_inf (all devices folded into one flag), so that every
-        rank skips the step when any rank overflowed."""
-        home = self.get_scale_tensor().device
-        flags = found_inf_per_device
-        if flags:
-            local = torch.stack([f.to(home, non_blocking=True).reshape(()) for f in flags.values()]).amax()
-        else:
-            local = torch.zeros((), dtype=torch.float32, device=home)
-        dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.process_group)
-        if not flags:
-            return {home: local}
-        return {d: (local if d == home else local.to(d, non_blocking=True)) for d in flags}
-
-    def reduce_norm_and_found_inf(self, total_norm: Tensor, found_inf: Tensor) -> Tuple[Tensor, Tensor]:
-        return reduce_norm_and_found_inf(total_norm, found_inf, self.process_group)
+    def local_grads(self, optimizer: torch.optim.Optimizer) -> LocalGrads:
+        return local_grads(optimizer, process_group=self.process_group, replicated_over=self.replicated_over,
+                           plain_grads_are_shards=True)
 
     def clip_grad_norm_(self, optimizer, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
-        """As :meth:`fastamp.GradScaler.clip_grad_norm_`, with the global norm over all ranks' shards and
-        one packed all-reduce. Only the L2 norm is supported for sharded grads."""
+        """As :meth:`fastamp.GradScaler.clip_grad_norm_`, with the global norm over all ranks' gradients
+        and one all-reduce. Only the L2 norm is supported for gradients held across ranks."""
         if float(norm_type) != 2.0:
             raise ValueError(f"fastamp.distributed.ShardedGradScaler.clip_grad_norm_: only norm_type=2 is supported "
                              f"for sharded gradients, got {norm_type}")

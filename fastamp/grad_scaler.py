@@ -32,7 +32,15 @@ from torch import Tensor
 from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state
 
 from . import ops
-from ._gradients import PerDevice, clip_gradients, grads_by_device, merge_by_device, norm_and_check, unscale_check_grads_
+from ._gradients import (
+    LocalGrads,
+    PerDevice,
+    clip_gradients,
+    local_grads,
+    norm_and_check,
+    reduce_found_inf_across_ranks,
+    unscale_check_grads_,
+)
 
 __all__ = ["GradScaler"]
 
@@ -112,28 +120,48 @@ class GradScaler(torch.amp.GradScaler):
     def _unscale_grads_(
         self, optimizer: torch.optim.Optimizer, inv_scale: Tensor, found_inf: Tensor, allow_fp16: bool
     ) -> Dict[torch.device, Tensor]:
-        # Same contract as PyTorch's (per-device found_inf flags), on fastamp's kernel; fp16 is always allowed.
+        # Same contract as PyTorch's (per-device found_inf flags), on fastamp's kernel; fp16 is always
+        # allowed. Gradients held across ranks get one global flag (one all-reduce).
+        grads = self.local_grads(optimizer)
         per_device_inv_scale = PerDevice(inv_scale)
         per_device_found_inf = PerDevice(found_inf)
         flags: Dict[torch.device, Tensor] = {}
         with torch.no_grad():
-            for device, grads in grads_by_device(optimizer).items():
+            for device, device_grads in grads.by_device.items():
                 flags[device] = per_device_found_inf.get(device)
-                unscale_check_grads_(grads, flags[device], per_device_inv_scale.get(device))
-        return flags
+                unscale_check_grads_(device_grads, flags[device], per_device_inv_scale.get(device))
+        return self._global_found_inf(grads, flags)
 
     def _check_inf_per_device(self, optimizer: torch.optim.Optimizer) -> Dict[torch.device, Tensor]:
         # Read-only check for optimizers that unscale inside their own step (fused ones).
         self._check_scale_growth_tracker("_check_inf_per_device")
+        grads = self.local_grads(optimizer)
         per_device_found_inf = PerDevice(self._new_found_inf())
         flags: Dict[torch.device, Tensor] = {}
         with torch.no_grad():
-            for device, grads in grads_by_device(optimizer).items():
+            for device, device_grads in grads.by_device.items():
                 flags[device] = per_device_found_inf.get(device)
-                norm_and_check(grads, None, flags[device])
-        flags = self.reduce_found_inf(flags)
+                norm_and_check(device_grads, None, flags[device])
+        flags = self._global_found_inf(grads, flags)
         self._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = flags
         return flags
+
+    def _global_found_inf(self, grads: LocalGrads, flags: Dict[torch.device, Tensor]) -> Dict[torch.device, Tensor]:
+        """The per-device flags as they are in one process; for gradients held across ranks, one flag
+        all-reduced over their group (one collective), so that every rank skips when any overflowed. A
+        rank without gradients still takes part, with a zero flag."""
+        if not grads.crosses_ranks:
+            return flags
+        assert self._scale is not None
+        home = self._scale.device
+        if flags:
+            local = torch.stack([f.to(home, non_blocking=True).reshape(()) for f in flags.values()]).amax()
+        else:
+            local = torch.zeros((), dtype=torch.float32, device=home)
+        found = reduce_found_inf_across_ranks(local, grads.group)
+        if not flags:
+            return {home: found}
+        return {d: (found if d == home else found.to(d, non_blocking=True)) for d in flags}
 
     def _combined_found_inf(self, states: Iterable[Dict[str, Any]]) -> Optional[Tensor]:
         """0/1 flag on the scale's device: whether any of these optimizers' grads held inf/nan."""
@@ -165,8 +193,8 @@ class GradScaler(torch.amp.GradScaler):
             raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
         if optimizer_state["stage"] is OptState.STEPPED:
             raise RuntimeError("unscale_() is being called after step().")
-        optimizer_state["found_inf_per_device"] = self.reduce_found_inf(
-            self._unscale_grads_(optimizer, self._inv_scale(), self._new_found_inf(), True)
+        optimizer_state["found_inf_per_device"] = self._unscale_grads_(
+            optimizer, self._inv_scale(), self._new_found_inf(), True
         )
         optimizer_state["stage"] = OptState.UNSCALED
 
@@ -438,12 +466,12 @@ class GradScaler(torch.amp.GradScaler):
             params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
             return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
 
-        # One walk over each optimizer's parameters; the devices' lists are their concatenation.
-        per_optimizer = [grads_by_device(opt) for opt in optimizers]
+        # One walk over each optimizer's parameters; clipped together, they share one norm and one collective.
+        per_optimizer = [self.local_grads(opt) for opt in optimizers]
+        grads = LocalGrads.merge(per_optimizer)
         inv_scale = self._inv_scale() if self._enabled else None
         home = self._scale.device if self._enabled and self._scale is not None else None
-        result = clip_gradients(merge_by_device(per_optimizer), max_norm, inv_scale=inv_scale, home=home,
-                                reduce=self.reduce_norm_and_found_inf, error_if_nonfinite=error_if_nonfinite)
+        result = clip_gradients(grads, max_norm, inv_scale=inv_scale, home=home, error_if_nonfinite=error_if_nonfinite)
         with torch.no_grad():
             for opt, opt_devices in zip(optimizers, per_optimizer):
                 if self._enabled and getattr(opt, "_step_supports_amp_scaling", False):
@@ -454,27 +482,19 @@ class GradScaler(torch.amp.GradScaler):
                     result.apply_(opt_devices)
                 if self._enabled:
                     state = self._per_optimizer_states[id(opt)]
-                    flags = {d: result.found_inf_per_device[d] for d in opt_devices}
-                    if not flags and self._record_checks_without_grads:
+                    flags = {d: result.found_inf_per_device[d] for d in opt_devices.by_device}
+                    if not flags and grads.crosses_ranks:  # ranks without grads still take the decision
                         flags = {result.found_inf.device: result.found_inf}
                     state["found_inf_per_device"] = flags
                     state["stage"] = OptState.UNSCALED
         return result.total_norm
 
-    # Whether an optimizer without gradients still gets a (zero) inf check: ranks of a sharded job must
-    # all take part in the collectives, gradients or not. PyTorch's single-process scaler records none.
-    _record_checks_without_grads = False
-
-    def reduce_found_inf(self, found_inf_per_device: Dict[torch.device, Tensor]) -> Dict[torch.device, Tensor]:
-        """Where one optimizer's local found_inf flags (by device) become global, after ``unscale_`` and
-        the check for fused optimizers: as they are in a single process; the sharded scaler all-reduces
-        them so that every rank skips together."""
-        return found_inf_per_device
-
-    def reduce_norm_and_found_inf(self, total_norm: Tensor, found_inf: Tensor) -> Tuple[Tensor, Tensor]:
-        """Where a local norm and found_inf become global: as they are in a single process; the sharded
-        scaler all-reduces them (one packed collective). Every clip through this scaler calls it."""
-        return total_norm, found_inf
+    def local_grads(self, optimizer: torch.optim.Optimizer) -> LocalGrads:
+        """The optimizer's gradients as this rank holds them, sorted for the global norm (see
+        :func:`fastamp._gradients.local_grads`). Here: DTensor gradients (FSDP2, HSDP, TP, on any mesh)
+        are reduced over the world, each element counted once; plain ones are taken as they are (one
+        process, DDP). :class:`fastamp.distributed.ShardedGradScaler` says more."""
+        return local_grads(optimizer)
 
     def get_scale_tensor(self) -> Optional[Tensor]:
         """The live scale on the device (no host sync, unlike :meth:`get_scale`); ``None`` when disabled

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batch import Batch, LossFn, compute_loss, to_device
-from ._gradients import clip_gradients, grads_by_device
+from ._gradients import clip_gradients
 from ._metrics import StepHistory, StepTimer, memory_mb, training_statistics
 from ._plots import plot_dashboard
 from ._precision import autocast_dtype, normalize_precision
@@ -305,11 +305,10 @@ class FusedMixedPrecisionTrainer:
         of the grads here, none written); returns the norm, or None when this does not apply."""
         if self.scaler.is_enabled() or not getattr(self.optimizer, "_step_supports_amp_scaling", False):
             return None
-        by_device = grads_by_device(self.optimizer)
-        if len(by_device) != 1:
+        grads = self.scaler.local_grads(self.optimizer)  # global over ranks where they are held across ranks
+        if len(grads.by_device) != 1:
             return None
-        # Global over ranks when the scaler is a sharded one (a no-op otherwise).
-        result = clip_gradients(by_device, max_norm, reduce=self.scaler.reduce_norm_and_found_inf)
+        result = clip_gradients(grads, max_norm)
         if result.coef is None:  # clipping off: a plain step
             self.optimizer.step()
             return result.total_norm

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, List, Optional
 import torch
 from torch import Tensor
 
-from .._gradients import clip_gradients, grads_by_device
+from .._gradients import clip_gradients, local_grads
 from ..grad_scaler import GradScaler
 
 __all__ = ["apply_fastamp"]
@@ -164,10 +164,10 @@ def _fused_clip(accelerator: Any, stock_clip: Callable[..., Any], wrapper: type)
         if scaler is not None:  # a scaler fastamp did not replace (sharded, XLA)
             return stock_clip(params, max_norm, norm_type=norm_type)
         # No scaler (bf16, fp32): norm in one read, one write to clip.
-        by_device = grads_by_device(raw)
-        result = clip_gradients(by_device, None if math.isinf(float(max_norm)) else float(max_norm))
+        grads = local_grads(raw)
+        result = clip_gradients(grads, None if math.isinf(float(max_norm)) else float(max_norm))
         with torch.no_grad():
-            result.apply_(by_device, skip_on_found_inf=False)  # stock writes even a non-finite norm's factor
+            result.apply_(grads, skip_on_found_inf=False)  # stock writes even a non-finite norm's factor
         return result.total_norm
 
     return clip_grad_norm_

@@ -34,7 +34,7 @@ from torch.amp.grad_scaler import OptState
 
 from .. import ops
 from .._batch import LossFn
-from .._gradients import clip_gradients, grads_by_device
+from .._gradients import clip_gradients, local_grads
 from .._metrics import memory_mb
 from ..forensics import OverflowDiagnosis, OverflowWatch, diagnose_overflow
 from ..grad_scaler import GradScaler
@@ -171,13 +171,13 @@ class FusedMixedPrecision(MixedPrecision):
         """Clip already-unscaled grads: one read for the norm, one write (skipped on overflow)."""
         scaler = self._fastamp_scaler()
         found_inf = scaler.found_inf if scaler is not None else None
-        by_device = grads_by_device(optimizer)
+        grads = scaler.local_grads(optimizer) if scaler is not None else local_grads(optimizer)
         home = found_inf.device if found_inf is not None else torch.device(self.device)
-        result = clip_gradients(by_device, max_norm, home=home)
+        result = clip_gradients(grads, max_norm, home=home)
         with torch.no_grad():
             if found_inf is not None:  # the scaler's overflow flag from this iteration's unscale
-                result.found_inf_per_device = {d: found_inf.to(d, non_blocking=True) for d in by_device}
-            result.apply_(by_device, skip_on_found_inf=found_inf is not None)
+                result.found_inf_per_device = {d: found_inf.to(d, non_blocking=True) for d in grads.by_device}
+            result.apply_(grads, skip_on_found_inf=found_inf is not None)
         return result.total_norm
 
     @contextlib.contextmanager

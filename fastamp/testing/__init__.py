@@ -4,13 +4,15 @@
   task (the demo, tests and benchmarks train it).
 - ``reference``: the pure-PyTorch implementation of every op (:mod:`fastamp.ops._reference`), the
   oracle every kernel is judged against.
-- :class:`HostReads`, :class:`FastampOpCalls`: count a step's host reads and fastamp op calls.
+- :class:`HostReads`, :class:`FastampOpCalls`, :class:`Collectives`: count a step's host reads, fastamp
+  op calls and collectives.
+- :mod:`fastamp.testing.mesh_layouts`: a small model on every DeviceMesh layout, run under torchrun.
 """
 
 from __future__ import annotations
 
 from ..ops import _reference as reference
 from . import models
-from .probes import FastampOpCalls, HostReads
+from .probes import Collectives, FastampOpCalls, HostReads
 
-__all__ = ["FastampOpCalls", "HostReads", "models", "reference"]
+__all__ = ["Collectives", "FastampOpCalls", "HostReads", "models", "reference"]

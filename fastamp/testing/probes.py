@@ -1,5 +1,5 @@
-"""Probes that count what a step does: host reads (each one a sync on a GPU) and fastamp op calls
-(each multi-tensor op one pass over the gradients)."""
+"""Probes that count what a step does: host reads (each one a sync on a GPU), fastamp op calls (each
+multi-tensor op one pass over the gradients) and collectives."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, List
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["FastampOpCalls", "HostReads"]
+__all__ = ["Collectives", "FastampOpCalls", "HostReads"]
 
 
 class HostReads(TorchFunctionMode):
@@ -51,4 +51,24 @@ class FastampOpCalls(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "fastamp":
             self.calls.append(func._opname)
+        return func(*args, **(kwargs or {}))
+
+
+class Collectives(TorchDispatchMode):
+    """Counts torch.distributed collectives as they reach the dispatcher: ``dist.all_reduce`` and
+    friends (``c10d::*``) and DTensor's functional ones (``_c10d_functional::*``, e.g. ``full_tensor``)."""
+
+    NOT_COLLECTIVES = {"wait_tensor", "_wrap_tensor_autograd"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: List[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.calls)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("c10d", "_c10d_functional") and func._opname not in self.NOT_COLLECTIVES:
+            self.calls.append(f"{func.namespace}.{func._opname}")
         return func(*args, **(kwargs or {}))
