@@ -487,6 +487,97 @@ def run_layout(name: str, world: int) -> Dict[str, Any]:
     return result
 
 
+def check_errors(world: int) -> Dict[str, str]:
+    """What cannot be counted is refused before any collective, naming the parameter and what to do."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    from .._gradients import LayoutError
+
+    messages: Dict[str, str] = {}
+    mesh = _mesh((2, world // 2), ("dp", "tp"))
+    partial = nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh, [Replicate(), Replicate()]))
+    partial.grad = DTensor.from_local(torch.ones(4, 4), mesh, [Replicate(), Partial()], run_check=False)
+    sharded = nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh, [Shard(0), Shard(1)]))
+    sharded.grad = distribute_tensor(torch.ones(4, 4), mesh, [Shard(0), Shard(1)])
+    cases = {
+        "partial": lambda: clip_grad_norm_([sharded, partial], 1.0),
+        "group does not span the mesh": lambda: clip_grad_norm_([sharded], 1.0, process_group=mesh["tp"].get_group()),
+    }
+    for case, call in cases.items():
+        before = sharded.grad.to_local().clone()
+        try:
+            call()
+        except LayoutError as exc:
+            messages[case] = str(exc)
+        else:
+            raise AssertionError(f"{case}: no error")
+        _check(torch.equal(sharded.grad.to_local(), before), f"{case}: the refused call wrote the grads")
+    _check("parameters[1]" in messages["partial"] and "Partial" in messages["partial"], messages["partial"])
+    _check("parameters[0]" in messages["group does not span the mesh"], messages["group does not span the mesh"])
+    return messages
+
+
+def check_checkpoint(world: int, folder: str) -> Dict[str, Any]:
+    """HSDP + ShardedGradScaler through torch.distributed.checkpoint: a run saved after 3 steps and
+    resumed in fresh objects ends bit-identical to the run that went on (scale grown, then backed off)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def build():
+        model = _fully_shard(make_model(), _mesh((2, world // 2), ("replicate", "shard")))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+        return model, opt, ShardedGradScaler("cpu", init_scale=SCALE, growth_interval=2)
+
+    def train(model, opt, scaler, steps) -> None:
+        for step in steps:
+            x, y = make_batch(step)
+            if step == 4 and dist.get_rank() == world - 1:
+                x[-1, -1, -1] = math.nan
+            opt.zero_grad()
+            scaler.scale(F.mse_loss(model(x), y)).backward()
+            scaler.clip_grad_norm_(opt, 1.0)
+            scaler.step(opt)
+            scaler.update()
+
+    model, opt, scaler = build()
+    train(model, opt, scaler, range(3))
+    model_state, optim_state = get_state_dict(model, opt)
+    dcp.save({"model": model_state, "optim": optim_state, "scaler": scaler.state_dict()}, checkpoint_id=folder)
+    train(model, opt, scaler, range(3, 6))
+    went_on, went_on_scaler = _named_params(model), scaler.state_dict()
+
+    model, opt, scaler = build()
+    model_state, optim_state = get_state_dict(model, opt)
+    state = {"model": model_state, "optim": optim_state, "scaler": scaler.state_dict()}
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    scaler.load_state_dict(state["scaler"])
+    train(model, opt, scaler, range(3, 6))
+    resumed = _named_params(model)
+    _check(all(torch.equal(went_on[k], resumed[k]) for k in went_on), "a resumed run differs from the one that went on")
+    _check(scaler.state_dict() == went_on_scaler, f"scaler {scaler.state_dict()} vs {went_on_scaler}")
+    return {"scaler": went_on_scaler, "resumed": "bit-identical"}
+
+
+def check_trainer(world: int, name: str) -> Dict[str, Any]:
+    """FusedMixedPrecisionTrainer on a layout, with nothing distributed configured: its norm is the
+    global one."""
+    from ..trainer import FusedMixedPrecisionTrainer
+
+    x, y = make_batch(0)
+    oracle_layout = LAYOUTS[name](world)
+    oracle_layout.backward(x, y, 1.0)
+    oracle = math.sqrt(sum(float(c[0].square().sum()) for c in _assemble(_named_grads(oracle_layout.model)).values()))
+    model = LAYOUTS[name](world).model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    trainer = FusedMixedPrecisionTrainer(model, opt, precision="fp32", max_grad_norm=oracle / 2, diagnose_overflows=False,
+                                         loss_fn=lambda m, batch: F.mse_loss(m(batch[0]), batch[1]))
+    norm = float(trainer.train_step((x, y))["grad_norm"])
+    _check(abs(norm - oracle) <= 1e-6 * oracle, f"trainer on {name}: norm {norm} vs {oracle}")
+    _check(_same_on_every_rank(norm), f"trainer on {name}: ranks disagree")
+    return {"layout": name, "norm": norm, "oracle": oracle}
+
+
 def bench_layout(name: str, world: int, repeats: int = 30) -> Dict[str, Any]:
     """Wall time and collectives of fastamp's clip vs stock unscale_ + clip_grad_norm_ on one layout,
     interleaved (each repeat runs both, in alternating order)."""
@@ -554,6 +645,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--bench", nargs="*", default=None, help="time these layouts' clip against stock's instead")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default=None, help="folder for rank 0's JSON")
+    parser.add_argument("--no-checks", action="store_true", help="only the layouts: no error, checkpoint, trainer checks")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -565,6 +657,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             results = [run_layout(name, world) for name in (args.layouts or _default_layouts(world))]
             kind = "layouts"
+            if world == 4 and not args.no_checks:
+                folder = os.path.join(args.out or ".", "dcp-checkpoint")
+                results.append({"layout": "checks", "errors": check_errors(world),
+                                "checkpoint": check_checkpoint(world, folder),
+                                "trainer": [check_trainer(world, name) for name in ("hsdp", "tp_plain_norms", "fsdp_tp")]})
         if dist.get_rank() == 0 and args.out:
             os.makedirs(args.out, exist_ok=True)
             record = {"torch": torch.__version__, "world": world, "results": results,
