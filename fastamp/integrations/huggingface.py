@@ -10,9 +10,11 @@ object it is given (never the libraries' modules), in the manner of Liger Kernel
   prepared or will prepare;
 - ``accelerator.clip_grad_norm_(parameters, max_norm)`` (what the Trainer calls every step) runs
   fastamp's fused clip on the prepared optimizers that hold those parameters: one read for the norm
-  and found_inf, folded into ``fused=True`` optimizers; it returns the norm, as stock does. Another
-  ``norm_type``, DeepSpeed, XLA and FSDP, or parameters that are not exactly some prepared optimizers'
-  go to Accelerate's own code;
+  and found_inf, folded into ``fused=True`` optimizers; it returns the norm, as stock does. Under FSDP2
+  the norm is the global one read from the DTensor grads' placements (one all-reduce), and the fp16
+  sharded scaler becomes :class:`fastamp.distributed.ShardedGradScaler`. Another ``norm_type``,
+  DeepSpeed, XLA and FSDP1, or parameters that are not exactly some prepared optimizers' go to
+  Accelerate's own code;
 - bf16 and fp32: the same fused clip and, with ``skip_nonfinite=True``, the non-finite guard (a
   :class:`fastamp.GradScaler` pinned at scale 1 in the optimizers): a step with inf/nan gradients is
   skipped, on the device for fused optimizers.
@@ -57,9 +59,16 @@ def _raw(optimizer: Any, wrapper: type) -> torch.optim.Optimizer:
 
 
 def _converted(scaler: torch.amp.GradScaler, device_type: str, **fastamp_kwargs: Any) -> GradScaler:
-    """A fastamp.GradScaler with the stock scaler's settings and state (its scale, growth tracker)."""
+    """A fastamp.GradScaler (the sharded one for torch's sharded scaler: FSDP) with the stock scaler's
+    settings and state (its scale, growth tracker)."""
     state = scaler.state_dict()  # {} when disabled
-    new = GradScaler(device_type, init_scale=state.get("scale", 2.0**16), growth_factor=scaler.get_growth_factor(),
+    if _is_stock_sharded_scaler(scaler):
+        from ..distributed import ShardedGradScaler
+
+        cls = ShardedGradScaler
+    else:
+        cls = GradScaler
+    new = cls(device_type, init_scale=state.get("scale", 2.0**16), growth_factor=scaler.get_growth_factor(),
                      backoff_factor=scaler.get_backoff_factor(), growth_interval=scaler.get_growth_interval(),
                      enabled=scaler.is_enabled(), **fastamp_kwargs)
     if state:
@@ -68,8 +77,17 @@ def _converted(scaler: torch.amp.GradScaler, device_type: str, **fastamp_kwargs:
 
 
 def _is_stock_scaler(scaler: Any) -> bool:
-    # Exactly torch's (or its deprecated torch.cuda.amp alias): sharded and XLA scalers keep their own ways.
+    # Exactly torch's (or its deprecated torch.cuda.amp alias): XLA scalers keep their own ways.
     return type(scaler) in (torch.amp.GradScaler, getattr(torch.cuda.amp, "GradScaler", torch.amp.GradScaler))
+
+
+def _is_stock_sharded_scaler(scaler: Any) -> bool:
+    # What Accelerate builds for fp16 under FSDP.
+    try:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler as StockSharded
+    except ImportError:  # torch without distributed
+        return False
+    return type(scaler) is StockSharded
 
 
 def _attach(optimizer: Any, scaler: GradScaler) -> None:
@@ -106,14 +124,14 @@ def apply_fastamp(target: Any, *, skip_nonfinite: bool = False, **scaler_kwargs:
         return target
     device_type = accelerator.device.type
     stock = accelerator.scaler
-    if scaler_kwargs and not _is_stock_scaler(stock):
+    if scaler_kwargs and not (_is_stock_scaler(stock) or _is_stock_sharded_scaler(stock)):
         raise ValueError(f"apply_fastamp: {sorted(scaler_kwargs)} configure the fp16 loss scaler that replaces "
                          f"Accelerate's, and this accelerator has {'a ' + type(stock).__name__ if stock else 'none'} "
                          f"(mixed_precision={accelerator.mixed_precision!r})")
     scaler: Optional[GradScaler] = None
     if isinstance(stock, GradScaler):
         scaler = stock
-    elif _is_stock_scaler(stock):
+    elif _is_stock_scaler(stock) or (_is_stock_sharded_scaler(stock) and getattr(accelerator, "is_fsdp2", False)):
         scaler = _converted(stock, device_type, **scaler_kwargs)
     guard: Optional[GradScaler] = None
     if scaler is not None:
@@ -149,7 +167,10 @@ def _fused_clip(accelerator: Any, stock_clip: Callable[..., Any], wrapper: type)
     def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, norm_type: float = 2) -> Any:
         """fastamp's fused clip on the prepared optimizers holding ``parameters`` (see apply_fastamp)."""
         params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
-        if accelerator.distributed_type.name in _OWN_CLIP_TYPES or float(norm_type) != 2.0:
+        fsdp2 = accelerator.distributed_type.name == "FSDP" and getattr(accelerator, "is_fsdp2", False)
+        if (accelerator.distributed_type.name in _OWN_CLIP_TYPES and not fsdp2) or float(norm_type) != 2.0:
+            # FSDP2's DTensor grads are fastamp's (the global norm reads their placements); FSDP1's flat
+            # parameters and DeepSpeed's, XLA's and Megatron's sharding are their own.
             return stock_clip(params, max_norm, norm_type=norm_type)
         chosen = _optimizers_holding(accelerator._optimizers, params, wrapper)
         if chosen is None:

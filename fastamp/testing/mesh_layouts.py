@@ -38,7 +38,7 @@ from ..distributed import ShardedGradScaler, clip_grad_norm_
 from ..grad_scaler import GradScaler
 from .probes import Collectives
 
-__all__ = ["LAYOUTS", "Layout", "MLP", "main", "run_layout"]
+__all__ = ["LAYOUTS", "Layout", "MLP", "fully_shard_model", "main", "make_batch", "make_mesh", "make_model", "run_layout", "tp_plan"]
 
 DIM, HIDDEN, OUT, BATCH, SEQ = 16, 32, 8, 8, 4
 SCALE = 2.0**10
@@ -112,13 +112,13 @@ def _plain_backward(model: nn.Module) -> Callable[[Tensor, Tensor, float], None]
     return backward
 
 
-def _mesh(shape: Tuple[int, ...], names: Tuple[str, ...]):
+def make_mesh(shape: Tuple[int, ...], names: Tuple[str, ...]):
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh("cpu", shape, mesh_dim_names=names)
 
 
-def _tp_plan(model: MLP, tp_mesh, replicate_norms: bool) -> None:
+def tp_plan(model: MLP, tp_mesh, replicate_norms: bool) -> None:
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -154,7 +154,7 @@ def _ddp_sharded_scaler(world: int) -> Layout:
     return Layout(model, scaler, _plain_backward(model))
 
 
-def _fully_shard(model: MLP, mesh, root: bool = True) -> MLP:
+def fully_shard_model(model: MLP, mesh, root: bool = True) -> MLP:
     from torch.distributed.fsdp import fully_shard
 
     units = [*model.blocks, model.head] + ([] if root else [model.norm])  # without a root, norm is a unit too
@@ -167,24 +167,24 @@ def _fully_shard(model: MLP, mesh, root: bool = True) -> MLP:
 
 
 def _fsdp(world: int) -> Layout:
-    model = _fully_shard(make_model(), _mesh((world,), ("dp",)))
+    model = fully_shard_model(make_model(), make_mesh((world,), ("dp",)))
     return Layout(model, ShardedGradScaler("cpu", init_scale=SCALE), _plain_backward(model))
 
 
 def _fsdp_plain_scaler(world: int) -> Layout:
     # fastamp.GradScaler reads the DTensor grads' placements itself: nothing to configure.
-    model = _fully_shard(make_model(), _mesh((world,), ("dp",)))
+    model = fully_shard_model(make_model(), make_mesh((world,), ("dp",)))
     return Layout(model, GradScaler("cpu", init_scale=SCALE), _plain_backward(model))
 
 
 def _hsdp(world: int) -> Layout:
-    model = _fully_shard(make_model(), _mesh((2, world // 2), ("replicate", "shard")))
+    model = fully_shard_model(make_model(), make_mesh((2, world // 2), ("replicate", "shard")))
     return Layout(model, ShardedGradScaler("cpu", init_scale=SCALE), _plain_backward(model))
 
 
 def _tp(world: int, replicate_norms: bool) -> Layout:
     model = make_model()
-    _tp_plan(model, _mesh((world,), ("tp",)), replicate_norms)
+    tp_plan(model, make_mesh((world,), ("tp",)), replicate_norms)
     layout = Layout(model, ShardedGradScaler("cpu", init_scale=SCALE), _plain_backward(model),
                     stock_clip="compare" if replicate_norms else "record")
     if not replicate_norms:
@@ -193,10 +193,10 @@ def _tp(world: int, replicate_norms: bool) -> Layout:
 
 
 def _fsdp_tp(world: int, replicate_norms: bool) -> Layout:
-    mesh = _mesh((2, world // 2), ("dp", "tp"))
+    mesh = make_mesh((2, world // 2), ("dp", "tp"))
     model = make_model()
-    _tp_plan(model, mesh["tp"], replicate_norms)
-    _fully_shard(model, mesh["dp"])
+    tp_plan(model, mesh["tp"], replicate_norms)
+    fully_shard_model(model, mesh["dp"])
     layout = Layout(model, ShardedGradScaler("cpu", init_scale=SCALE), _plain_backward(model),
                     stock_clip="compare" if replicate_norms else "record")
     if not replicate_norms:
@@ -225,8 +225,8 @@ def _pipeline(world: int, fsdp: bool) -> Layout:
     dp_rank = rank - stage * half
     peer = rank + half if stage == 0 else rank - half
     if fsdp:
-        mesh = _mesh((2, half), ("pp", "dp"))
-        _fully_shard(model, mesh["dp"], root=False)  # each stage's units are driven by hand, not by a root forward
+        mesh = make_mesh((2, half), ("pp", "dp"))
+        fully_shard_model(model, mesh["dp"], root=False)  # each stage's units are driven by hand, not by a root forward
         scaler = ShardedGradScaler("cpu", init_scale=SCALE)
     else:
         # Plain grads: replicas over the stage's data-parallel group, disjoint across stages.
@@ -273,7 +273,7 @@ class Experts(nn.Module):
         if as_dtensor:
             from torch.distributed.tensor import DTensor, Shard
 
-            self.weight = nn.Parameter(DTensor.from_local(local, _mesh((world,), ("ep",)), [Shard(0)], run_check=False))
+            self.weight = nn.Parameter(DTensor.from_local(local, make_mesh((world,), ("ep",)), [Shard(0)], run_check=False))
         else:  # named by its rank: each rank's expert is a parameter of its own
             self.register_parameter(f"weight_{rank}", nn.Parameter(local))
         self.param_name = "weight" if as_dtensor else f"weight_{rank}"
@@ -494,7 +494,7 @@ def check_errors(world: int) -> Dict[str, str]:
     from .._gradients import LayoutError
 
     messages: Dict[str, str] = {}
-    mesh = _mesh((2, world // 2), ("dp", "tp"))
+    mesh = make_mesh((2, world // 2), ("dp", "tp"))
     partial = nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh, [Replicate(), Replicate()]))
     partial.grad = DTensor.from_local(torch.ones(4, 4), mesh, [Replicate(), Partial()], run_check=False)
     sharded = nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh, [Shard(0), Shard(1)]))
@@ -524,7 +524,7 @@ def check_checkpoint(world: int, folder: str) -> Dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     def build():
-        model = _fully_shard(make_model(), _mesh((2, world // 2), ("replicate", "shard")))
+        model = fully_shard_model(make_model(), make_mesh((2, world // 2), ("replicate", "shard")))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
         return model, opt, ShardedGradScaler("cpu", init_scale=SCALE, growth_interval=2)
 

@@ -3,6 +3,8 @@ Accelerate builds its stock GradScaler. Skipped without a GPU or without transfo
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -55,3 +57,23 @@ def test_fp16_trainer_matches_stock(tmp_path, optim):
     losses, scale = run(tmp_path / "fastamp", True, optim)
     assert scale == stock_scale  # the same overflows, skipped the same way
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(stock_losses), rtol=1e-2, atol=1e-2)
+
+
+def test_accelerate_fsdp2_clips_with_the_global_norm(tmp_path):
+    """Accelerate's FSDP2 (GPU only there), one process per visible GPU, under torchrun."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "fsdp2.json"
+    job = os.path.join(os.path.dirname(os.path.abspath(__file__)), "accelerate_fsdp2_job.py")
+    env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(torch.cuda.device_count()),
+                          "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", job, str(out)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-6000:]
+    seen = json.loads(out.read_text())
+    assert seen["sharded"], seen["scaler"]
+    for norm, oracle in zip(seen["norms"], seen["oracles"]):
+        assert math.isfinite(oracle) and abs(norm - oracle) <= 1e-5 * oracle

@@ -237,3 +237,30 @@ def test_amp_monitor_diagnoses_the_skipped_batch_and_warns_when_stuck():
     stuck = Regression(inject_at=range(100))
     with pytest.warns(TrainingStuckWarning, match="3 consecutive"):
         fit(stuck, FusedMixedPrecision("16-mixed", "cpu"), max_steps=5, callbacks=[AMPMonitor(stuck_after=3)])
+
+
+@pytest.mark.slow
+def test_model_parallel_strategy_fsdp_x_tp_clips_with_the_global_norm(tmp_path):
+    """Lightning's FSDP2 home (ModelParallelStrategy, 2 x 2 on 4 gloo ranks, launched by torchrun): the
+    plugin, told nothing of the layout, clips with the fp64 global norm on every rank, and a NaN in one
+    rank's batch is skipped on all (bf16-mixed with the guard)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "result.json"
+    job = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lightning_model_parallel_job.py")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--rdzv-backend",
+                          "c10d", "--rdzv-endpoint", "127.0.0.1:0", job, str(out)], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-6000:]
+    seen = json.loads(out.read_text())
+    assert seen["skipped"] == [False, False, False, True, False]
+    for step, (oracle, plugin) in enumerate(zip(seen["oracle"], seen["plugin"])):
+        if step == 3:
+            assert math.isnan(plugin)
+            continue
+        assert abs(plugin - oracle) <= 1e-6 * oracle, step
+    first = [repr(v) for v in seen["every_rank"][0]]  # repr: NaN compares equal to itself there
+    assert all([repr(v) for v in ranks] == first for ranks in seen["every_rank"])
