@@ -38,7 +38,8 @@ from ..distributed import ShardedGradScaler, clip_grad_norm_
 from ..grad_scaler import GradScaler
 from .probes import Collectives
 
-__all__ = ["LAYOUTS", "Layout", "MLP", "fully_shard_model", "main", "make_batch", "make_mesh", "make_model", "run_layout", "tp_plan"]
+__all__ = ["LAYOUTS", "Layout", "MLP", "fully_shard_model", "main", "make_batch", "make_mesh", "make_model", "run_layout",
+           "tp_plan"]
 
 DIM, HIDDEN, OUT, BATCH, SEQ = 16, 32, 8, 8, 4
 SCALE = 2.0**10
