@@ -54,21 +54,29 @@ class FastampOpCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-class Collectives(TorchDispatchMode):
-    """Counts torch.distributed collectives as they reach the dispatcher: ``dist.all_reduce`` and
-    friends (``c10d::*``) and DTensor's functional ones (``_c10d_functional::*``, e.g. ``full_tensor``)."""
+class Collectives:
+    """Counts the collectives the process-group backend runs (its ``gloo:*`` / ``nccl:*`` profiler
+    events): ``dist.all_reduce`` and friends, and DTensor's own (redistributions, ``full_tensor``), which
+    a dispatch mode does not see. ``calls`` lists them, in order, once the block has ended."""
 
-    NOT_COLLECTIVES = {"wait_tensor", "_wrap_tensor_autograd"}
+    BACKENDS = ("gloo", "nccl")
 
     def __init__(self) -> None:
-        super().__init__()
         self.calls: List[str] = []
+        self._profile: Any = None
 
     @property
     def count(self) -> int:
         return len(self.calls)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in ("c10d", "_c10d_functional") and func._opname not in self.NOT_COLLECTIVES:
-            self.calls.append(f"{func.namespace}.{func._opname}")
-        return func(*args, **(kwargs or {}))
+    def __enter__(self) -> "Collectives":
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profile = profile(activities=[ProfilerActivity.CPU])
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._profile.__exit__(*exc)
+        events = sorted(self._profile.events(), key=lambda e: e.time_range.start)
+        self.calls = [e.name for e in events if e.name.split(":")[0] in self.BACKENDS]
