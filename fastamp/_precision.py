@@ -22,7 +22,7 @@ def normalize_precision(precision: str) -> str:
     try:
         return _PRECISIONS[str(precision)]
     except KeyError:
-        raise ValueError(f"unknown precision {precision!r}; use one of {sorted(_PRECISIONS)}") from None
+        raise ValueError(f"fastamp: unknown precision {precision!r}; use one of {sorted(_PRECISIONS)}") from None
 
 
 def autocast_dtype(precision: str) -> Optional[torch.dtype]:

@@ -29,7 +29,7 @@ from ._batch import Batch, LossFn, compute_loss, to_device
 from ._precision import autocast_dtype, normalize_precision
 from .grad_scaler import GradScaler
 
-__all__ = ["OverflowDiagnosis", "OverflowWatch", "TrainingStuckWarning", "diagnose_overflow"]
+__all__ = ["OverflowDiagnosis", "OverflowWatch", "TrainingStuckWarning", "diagnose_overflow", "diagnose_overflow_in_run"]
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
 DEFAULT_LOSS_SCALE = 2.0**16
@@ -263,7 +263,7 @@ def diagnose_overflow(
     autocast = autocast_dtype(precision_name)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
-        raise ValueError("diagnose_overflow: the model has no parameters that require grad; nothing to diagnose")
+        raise ValueError("fastamp.diagnose_overflow: the model has no parameters that require grad; nothing to diagnose")
     if isinstance(loss_scale, GradScaler):
         loss_scale = loss_scale.get_scale() if loss_scale.is_enabled() else 1.0
     scale = float(loss_scale) if loss_scale is not None else (DEFAULT_LOSS_SCALE if autocast == torch.float16
@@ -292,7 +292,7 @@ def diagnose_overflow(
                 with context:
                     loss = compute_loss(model, batch, loss_fn)
                 if not isinstance(loss, Tensor) or loss.dim() != 0:
-                    raise ValueError(f"diagnose_overflow: the loss must be a scalar tensor, got {loss!r:.80}")
+                    raise ValueError(f"fastamp.diagnose_overflow: the loss must be a scalar tensor, got {loss!r:.80}")
                 found = recorder.forward
                 if found is None:
                     loss_max = _max_abs(loss)
@@ -317,6 +317,24 @@ def diagnose_overflow(
     return report
 
 
+def diagnose_overflow_in_run(model: nn.Module, batch: Batch, **kwargs: Any) -> OverflowDiagnosis:
+    """:func:`diagnose_overflow` from inside a training run: a diagnosis must not end the run it
+    diagnoses, so whatever the replay raises becomes a report with ``found=False`` and a note (the model
+    is restored either way). Same arguments."""
+    try:
+        return diagnose_overflow(model, batch, **kwargs)
+    except Exception as e:  # noqa: BLE001 -- the point of this function
+        precision = kwargs.get("precision", "fp16")
+        try:
+            precision = normalize_precision(precision)
+        except ValueError:
+            pass
+        scale = kwargs.get("loss_scale")
+        return OverflowDiagnosis(found=False, precision=str(precision),
+                                 loss_scale=float(scale) if isinstance(scale, (int, float)) else None,
+                                 notes=[f"the replay raised {type(e).__name__}: {e}"])
+
+
 class TrainingStuckWarning(UserWarning):
     """Training is not making progress: many consecutive skipped steps, or the loss scale at its floor."""
 
@@ -333,7 +351,8 @@ class OverflowWatch:
 
     def __init__(self, diagnose_every: int = 100, stuck_after: int = 20, min_scale: float = 0.0) -> None:
         if int(diagnose_every) < 1 or int(stuck_after) < 1:
-            raise ValueError(f"diagnose_every and stuck_after must be >= 1, got {diagnose_every}, {stuck_after}")
+            raise ValueError(f"fastamp.OverflowWatch: diagnose_every and stuck_after must be >= 1, "
+                             f"got {diagnose_every}, {stuck_after}")
         self.diagnose_every = int(diagnose_every)
         self.stuck_after = int(stuck_after)
         self.min_scale = float(min_scale)

@@ -176,11 +176,11 @@ def benchmark_gemm(
             dtypes = ["fp32", "bf16"]
     for d in dtypes:
         if d not in _DTYPES:
-            raise ValueError(f"unknown dtype {d!r}; choose from {sorted(_DTYPES)}")
+            raise ValueError(f"fastamp.gemm: unknown dtype {d!r}; choose from {sorted(_DTYPES)}")
         if d == "fp8" and not _fp8_supported(dev):
-            raise ValueError(f"fp8 GEMMs need a CUDA GPU of compute capability 8.9+ (device: {dev})")
+            raise ValueError(f"fastamp.gemm: fp8 GEMMs need a CUDA GPU of compute capability 8.9+ (device: {dev})")
         if d == "tf32" and dev.type != "cuda":
-            raise ValueError("tf32 is a CUDA Tensor Core mode; on CPU use fp32")
+            raise ValueError("fastamp.gemm: tf32 is a CUDA Tensor Core mode; on CPU use fp32")
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     results = []
     for m, n, k in shapes:
@@ -298,7 +298,7 @@ def audit_model(
     that dtype and multiple (the median over the measured shapes), as an estimate."""
     if multiple is None:
         if dtype not in ALIGNMENT:
-            raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(ALIGNMENT)}")
+            raise ValueError(f"fastamp.gemm: unknown dtype {dtype!r}; choose from {sorted(ALIGNMENT)}")
         multiple = ALIGNMENT[dtype]
     estimate = None
     if measurements:

@@ -101,6 +101,14 @@ class GradScaler(torch.amp.GradScaler):
 
     # ---- lazily created device state ---------------------------------------------------------------
 
+    @classmethod
+    def nonfinite_guard(cls, device: str = "cuda", *, enabled: bool = True) -> "GradScaler":
+        """The non-finite guard for bf16 and fp32 training: a scaler pinned at scale 1 (nothing is scaled,
+        the scale never moves), so that a step whose gradients hold inf/nan is skipped on the device, from
+        the norm pass the clip makes anyway, with parameters and optimizer state left bit-identical. The
+        one definition the trainer, the Lightning plugin and ``apply_fastamp`` use."""
+        return cls(device, init_scale=1.0, growth_interval=2**30, enabled=enabled, min_scale=1.0, max_scale=1.0)
+
     def _lazy_init_scale_growth_tracker(self, dev: torch.device) -> None:
         super()._lazy_init_scale_growth_tracker(dev)
         self._hysteresis_tracker = torch.full((), self._init_hysteresis_tracker, dtype=torch.int32, device=dev)
@@ -307,23 +315,10 @@ class GradScaler(torch.amp.GradScaler):
             return
         scale, growth_tracker = self._check_scale_growth_tracker("update")
         found_inf = self._combined_found_inf(self._per_optimizer_states.values())
+        states = [st for st in self._per_optimizer_states.values() if st["found_inf_per_device"]]
         if new_scale is not None:
-            if isinstance(new_scale, (float, int)) and not isinstance(new_scale, bool):
-                scale.fill_(float(new_scale))
-            else:
-                reason = (
-                    "new_scale should be a float or a 1-element torch.cuda.FloatTensor or "
-                    "torch.FloatTensor with requires_grad=False."
-                )
-                if not isinstance(new_scale, Tensor):
-                    raise AssertionError(reason)
-                if new_scale.device.type != self._device:
-                    raise AssertionError(reason)
-                if new_scale.numel() != 1:
-                    raise AssertionError(reason)
-                if new_scale.requires_grad is True:
-                    raise AssertionError(reason)
-                scale.copy_(new_scale.reshape(scale.shape))
+            # PyTorch's own branch (its checks, its errors): a user-set scale is torch's business.
+            torch.amp.GradScaler.update(self, new_scale)
         else:
             if found_inf is None:
                 raise AssertionError("No inf checks were recorded prior to update.")
@@ -339,7 +334,6 @@ class GradScaler(torch.amp.GradScaler):
                 self._min_scale,
                 self._max_scale,
             )
-        states = [st for st in self._per_optimizer_states.values() if st["found_inf_per_device"]]
         self._last_skipped_on_host = (
             any(st["found_inf_host"] for st in states) if states and all("found_inf_host" in st for st in states) else None
         )

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
 
 import torch
@@ -24,7 +26,7 @@ from ._gradients import clip_gradients
 from ._metrics import StepHistory, StepTimer, memory_mb, training_statistics
 from ._plots import plot_dashboard
 from ._precision import autocast_dtype, normalize_precision
-from .forensics import OverflowDiagnosis, OverflowWatch, diagnose_overflow
+from .forensics import OverflowDiagnosis, OverflowWatch, diagnose_overflow_in_run
 from .grad_scaler import GradScaler
 from .ops import NonFiniteRecord, nonfinite_report
 
@@ -57,6 +59,37 @@ class StepResult(Mapping):
 
     def __repr__(self) -> str:
         return f"StepResult({dict(self)})"
+
+
+@dataclass(frozen=True)
+class _ScalingPlan:
+    loss_scaling: str  # "dynamic", "static" or "none"
+    init_scale: float
+    min_scale: float
+    max_scale: float
+    guard: bool  # without scaling: skip steps with inf/nan gradients (a scaler pinned at 1)
+
+
+def _scaling_plan(precision: str, loss_scaling: Union[str, float, None], scale_loss: Optional[bool],
+                  skip_nonfinite: bool, init_scale: float, min_scale: float, max_scale: float) -> _ScalingPlan:
+    """The trainer's three knobs (``loss_scaling``, ``scale_loss``, ``skip_nonfinite``) resolved in one
+    place: scaling is on for fp16 unless ``scale_loss=False`` or ``loss_scaling=None``, and on for bf16/fp32
+    only with ``scale_loss=True``; a static scale pins min and max at it; without scaling,
+    ``skip_nonfinite`` asks for the guard."""
+    scaled = (precision == "fp16") if scale_loss is None else bool(scale_loss)
+    if loss_scaling is None or not scaled:
+        return _ScalingPlan("none", 1.0, 1.0, 1.0, bool(skip_nonfinite))
+    if isinstance(loss_scaling, (int, float)) and not isinstance(loss_scaling, bool):
+        if not loss_scaling > 0:
+            raise ValueError(f"fastamp.FusedMixedPrecisionTrainer: a static loss scale must be > 0, got {loss_scaling!r}")
+        static = float(loss_scaling)
+        return _ScalingPlan("static", static, static, static, True)
+    if loss_scaling == "static":
+        return _ScalingPlan("static", init_scale, init_scale, init_scale, True)
+    if loss_scaling == "dynamic":
+        return _ScalingPlan("dynamic", init_scale, min_scale, max_scale, True)
+    raise ValueError(f"fastamp.FusedMixedPrecisionTrainer: loss_scaling must be 'dynamic', 'static', a number or None, "
+                     f"got {loss_scaling!r}")
 
 
 class FusedMixedPrecisionTrainer:
@@ -137,7 +170,7 @@ class FusedMixedPrecisionTrainer:
         self.optimizer = optimizer
         self.precision = normalize_precision(precision)
         if int(accumulation_steps) < 1:
-            raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps!r}")
+            raise ValueError(f"fastamp.FusedMixedPrecisionTrainer: accumulation_steps must be >= 1, got {accumulation_steps!r}")
         self.accumulation_steps = int(accumulation_steps)
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else 0.0
         if device is None:
@@ -147,27 +180,23 @@ class FusedMixedPrecisionTrainer:
         self.loss_fn = loss_fn
         self.zero_grad_set_to_none = zero_grad_set_to_none
 
-        use_scaler = (self.precision == "fp16") if scale_loss is None else bool(scale_loss)
-        if loss_scaling is None:
-            use_scaler = False
-        self.loss_scaling = self._loss_scaling_kind(loss_scaling) if use_scaler else "none"
-        if self.loss_scaling == "static":
-            static = init_scale if isinstance(loss_scaling, str) else float(loss_scaling)
-            init_scale, min_scale, max_scale = static, static, static
+        plan = _scaling_plan(self.precision, loss_scaling, scale_loss, skip_nonfinite, init_scale, min_scale, max_scale)
+        self.loss_scaling = plan.loss_scaling
         if scaler is not None:
-            # A scaler built by the caller (e.g. fastamp.distributed.ShardedGradScaler for FSDP2).
+            # A scaler built by the caller (e.g. fastamp.distributed.ShardedGradScaler with its own settings).
             if not isinstance(scaler, GradScaler):
-                raise TypeError(f"scaler must be a fastamp.GradScaler, got {type(scaler).__name__}")
+                raise TypeError(f"fastamp.FusedMixedPrecisionTrainer: scaler must be a fastamp.GradScaler, "
+                                f"got {type(scaler).__name__}")
             self.scaler = scaler
             self.loss_scaling = "dynamic" if scaler.is_enabled() else "none"
-        elif use_scaler:
-            self.scaler = self._make_scaler(True, init_scale, growth_factor, backoff_factor, growth_interval,
-                                            hysteresis, min_scale, max_scale)
+        elif plan.loss_scaling != "none":
+            self.scaler = GradScaler(self.device.type, init_scale=plan.init_scale, growth_factor=growth_factor,
+                                     backoff_factor=backoff_factor, growth_interval=growth_interval,
+                                     hysteresis=hysteresis, min_scale=plan.min_scale, max_scale=plan.max_scale)
         else:
-            # The non-finite guard is a scaler pinned at 1: the same fused path (norm + found_inf in one
-            # read, skip on the device), and a factor of 1 writes nothing when there is no clip.
-            self.scaler = self._make_scaler(bool(skip_nonfinite), 1.0, 2.0, 0.5, 2**30, 1, 1.0, 1.0)
-            min_scale = 1.0
+            # The non-finite guard: the same fused path (norm + found_inf in one read, skip on the device).
+            self.scaler = GradScaler.nonfinite_guard(self.device.type, enabled=plan.guard)
+        min_scale = plan.min_scale
         self.skip_nonfinite = self.scaler.is_enabled()
         self.diagnose_overflows = bool(diagnose_overflows)
         self.overflow_diagnoses: List[OverflowDiagnosis] = []
@@ -177,28 +206,19 @@ class FusedMixedPrecisionTrainer:
         self._unread_steps: deque = deque(maxlen=max(1, int(diagnose_window)))
         self._window_batches: List[Batch] = []
         self._timer = StepTimer(self.device)
-        self.step = 0  # optimizer steps taken or skipped
+        self.num_steps = 0  # optimizer steps taken or skipped: the name GradScaler.num_steps has too
         self._micro_step = 0
         self._window_start: Any = None
         self._window_loss: Optional[Tensor] = None
         self._window_tokens = 0
         self._reset_history()
 
-    def _make_scaler(self, enabled: bool, init_scale: float, growth_factor: float, backoff_factor: float,
-                     growth_interval: int, hysteresis: int, min_scale: float, max_scale: float) -> GradScaler:
-        return GradScaler(self.device.type, init_scale=init_scale, growth_factor=growth_factor,
-                          backoff_factor=backoff_factor, growth_interval=growth_interval, enabled=enabled,
-                          hysteresis=hysteresis, min_scale=min_scale, max_scale=max_scale)
-
-    @staticmethod
-    def _loss_scaling_kind(loss_scaling: Union[str, float]) -> str:
-        if isinstance(loss_scaling, (int, float)) and not isinstance(loss_scaling, bool):
-            if not loss_scaling > 0:
-                raise ValueError(f"a static loss scale must be > 0, got {loss_scaling!r}")
-            return "static"
-        if loss_scaling in ("dynamic", "static"):
-            return str(loss_scaling)
-        raise ValueError(f"loss_scaling must be 'dynamic', 'static', a number or None, got {loss_scaling!r}")
+    @property
+    def step(self) -> int:
+        """Deprecated name of :attr:`num_steps`."""
+        warnings.warn("FusedMixedPrecisionTrainer.step is now num_steps (the name GradScaler uses)", DeprecationWarning,
+                      stacklevel=2)
+        return self.num_steps
 
     def _reset_history(self, restored: Optional[Dict[str, List[Any]]] = None) -> None:
         # Per optimizer step; device tensors until read. ``restored``: already on the host (a checkpoint's).
@@ -240,7 +260,7 @@ class FusedMixedPrecisionTrainer:
             with torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
                 loss = compute_loss(self.model, batch, self.loss_fn)
             if loss.dim() != 0:
-                raise ValueError(f"FusedMixedPrecisionTrainer: the loss must be a scalar, got shape {tuple(loss.shape)}")
+                raise ValueError(f"fastamp.FusedMixedPrecisionTrainer: the loss must be a scalar, got shape {tuple(loss.shape)}")
             self.scaler.scale(loss.float() / self.accumulation_steps).backward()
         detached = loss.detach().float()
         share = detached / self.accumulation_steps
@@ -250,7 +270,7 @@ class FusedMixedPrecisionTrainer:
         if self._micro_step == self.accumulation_steps:
             result.update(self._optimizer_phase())
             self._micro_step = 0
-        result["step"] = self.step
+        result["step"] = self.num_steps
         return StepResult(result)
 
     def _gradient_sync(self, sync: bool) -> Any:
@@ -277,7 +297,7 @@ class FusedMixedPrecisionTrainer:
         self.scaler.update()
         optimizer_time = self._timer.stop(start)
         step_time = self._timer.stop(self._window_start)
-        self.step += 1
+        self.num_steps += 1
 
         found_inf = self.scaler.found_inf
         if found_inf is None:  # no scaler: nothing is skipped
@@ -290,7 +310,7 @@ class FusedMixedPrecisionTrainer:
                             tokens=self._window_tokens)
         if scale_used is not None:
             known = self.scaler.last_step_skipped_if_known()  # a non-fused step had to read the flag
-            index = self.step - 1  # as in the statistics' overflow_step_indices
+            index = self.num_steps - 1  # as in the statistics' overflow_step_indices
             if known is False:
                 self._watch.observe(index, False)
             else:  # skipped (then reading the scale costs nothing that matters), or not known yet
@@ -339,22 +359,19 @@ class FusedMixedPrecisionTrainer:
         report = None
         for batch in batches:
             # The trainer's backward runs at scale / accumulation_steps (the loss is a window's share).
-            try:
-                report = diagnose_overflow(model, batch, loss_fn=self.loss_fn, precision=self.precision,
-                                           loss_scale=scale / self.accumulation_steps, device=self.device)
-            except Exception as e:  # a diagnosis must not end the run it diagnoses; the model is restored
-                report = OverflowDiagnosis(found=False, precision=self.precision, loss_scale=scale,
-                                           notes=[f"the replay raised {type(e).__name__}: {e}"])
+            report = diagnose_overflow_in_run(model, batch, loss_fn=self.loss_fn, precision=self.precision,
+                                              loss_scale=scale / self.accumulation_steps, device=self.device)
+            if report.notes and report.notes[-1].startswith("the replay raised"):
                 break
             if report.found:
                 break
         assert report is not None
-        report.step, report.replayed_at_step = step, self.step
+        report.step, report.replayed_at_step = step, self.num_steps
         if not report.found and not report.notes:
             report.notes.append("the overflow did not recur when the batch was replayed (dropout, or data that "
                                 "changed since); the step was skipped all the same")
-        if step != self.step - 1:
-            report.notes.append(f"replayed with the weights after {self.step} steps, not those of step {step}: the "
+        if step != self.num_steps - 1:
+            report.notes.append(f"replayed with the weights after {self.num_steps} steps, not those of step {step}: the "
                                 "skip was only known on the host later (fused optimizer)")
         return report
 
@@ -383,10 +400,10 @@ class FusedMixedPrecisionTrainer:
                 bar = tqdm(total=max_steps, desc=f"fastamp {self.precision}", leave=False)
             except ImportError:
                 log = log or print
-        target = self.step + max_steps
+        target = self.num_steps + max_steps
         iterator = iter(data)
         restarted = False
-        while self.step < target:
+        while self.num_steps < target:
             try:
                 batch = next(iterator)
                 restarted = False
@@ -400,14 +417,14 @@ class FusedMixedPrecisionTrainer:
                 continue
             if bar is not None:
                 bar.update(1)
-            if self.step % log_every == 0 or self.step == target:
+            if self.num_steps % log_every == 0 or self.num_steps == target:
                 self._diagnose_unread_steps()
                 loss, scale = self.history.last_loss.item(), self.scaler.get_scale()
                 skipped = self.scaler.step_counts()["skipped"]
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", scale=f"{scale:g}", skipped=skipped)
                 if log is not None:
-                    log(f"step {self.step}: loss {loss:.4f} scale {scale:g} skipped {skipped}")
+                    log(f"step {self.num_steps}: loss {loss:.4f} scale {scale:g} skipped {skipped}")
         if bar is not None:
             bar.close()
         return self.get_training_statistics()
@@ -466,7 +483,7 @@ class FusedMixedPrecisionTrainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "step": self.step,
+            "step": self.num_steps,
             "micro_step": self._micro_step,
             "statistics": self.history.read(),
             "precision": self.precision,
@@ -488,12 +505,13 @@ class FusedMixedPrecisionTrainer:
                 "accumulated gradients (an older format); resume from a checkpoint taken at a window boundary"
             )
         if window is not None and set(window["grads"]) != {n for n, _ in self.model.named_parameters()}:
-            raise ValueError("checkpoint's accumulated gradients do not match this model's parameters")
+            raise ValueError("fastamp.FusedMixedPrecisionTrainer: the checkpoint's accumulated gradients do not match "
+                             "this model's parameters")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
+        self.num_steps = int(state["step"])
         self._micro_step = int(state.get("micro_step", 0))
         if window is not None:
             params = dict(self.model.named_parameters())

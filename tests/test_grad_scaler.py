@@ -818,3 +818,16 @@ def test_a_scaler_pinned_at_one_is_the_nonfinite_guard_of_a_bf16_loop_in_one_rea
                     assert torch.equal(after[k][name], value)
     assert guard.get_scale() == 1.0 and guard.step_counts()["skipped"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("new_scale", [3, "2.0", torch.tensor([1.0, 2.0]), torch.tensor(2.0, requires_grad=True)])
+def test_update_with_a_new_scale_raises_what_torch_raises(new_scale):
+    """update(new_scale) is torch's own branch: the same inputs fail the same way (an int included)."""
+    errors = []
+    for cls in (torch.amp.GradScaler, GradScaler):
+        scaler = cls("cpu", init_scale=4.0)
+        scaler.scale(torch.ones(()))
+        with pytest.raises(Exception) as info:
+            scaler.update(new_scale)
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1]

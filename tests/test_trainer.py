@@ -193,7 +193,7 @@ def test_resumed_run_continues_bit_identically(precision, fused):
     for key in ["loss_values", "scale_values", "skipped", "gradient_norms", "overflow_step_indices"]:
         assert s[key] == r[key], key
     assert straight.scaler.state_dict() == resumed.scaler.state_dict()
-    assert resumed.step == 8
+    assert resumed.num_steps == 8
 
 
 def test_load_refuses_another_precision():
@@ -282,7 +282,7 @@ def test_fit_logs_and_stops_when_a_one_shot_iterator_ends():
     trainer = FusedMixedPrecisionTrainer(model, adamw(model), precision="fp32")
     lines = []
     stats = trainer.fit(iter(batches(model, 5)), max_steps=10, log_every=2, progress=False, log=lines.append)
-    assert stats["total_steps"] == 5 and trainer.step == 5
+    assert stats["total_steps"] == 5 and trainer.num_steps == 5
     assert [line.split(":")[0] for line in lines] == ["step 2", "step 4"]
     # A list is started again until max_steps.
     stats = trainer.fit(batches(model, 3), max_steps=7, progress=False)
@@ -485,3 +485,28 @@ def test_a_replay_that_raises_is_reported_and_training_goes_on():
     assert stats["total_steps"] == 4 and stats["overflow_step_indices"] == [1]
     (report,) = trainer.overflow_diagnoses
     assert not report.found and "replay refused" in report.notes[0]
+
+
+@pytest.mark.parametrize("precision,loss_scaling,scale_loss,skip_nonfinite,expected", [
+    ("fp16", "dynamic", None, True, ("dynamic", True)),
+    ("fp16", 128.0, None, True, ("static", True)),
+    ("fp16", None, None, True, ("none", True)),
+    ("fp16", "dynamic", False, False, ("none", False)),
+    ("bf16", "dynamic", None, True, ("none", True)),
+    ("bf16", "dynamic", None, False, ("none", False)),
+    ("bf16", "dynamic", True, False, ("dynamic", True)),
+    ("fp32", "static", True, False, ("static", True)),
+])
+def test_the_three_scaling_knobs_resolve_in_one_place(precision, loss_scaling, scale_loss, skip_nonfinite, expected):
+    """Hand-written table of what the knobs mean; the trainer built from them agrees."""
+    model = torch.nn.Linear(4, 2)
+    trainer = FusedMixedPrecisionTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), precision=precision,
+                                         loss_scaling=loss_scaling, scale_loss=scale_loss, skip_nonfinite=skip_nonfinite,
+                                         device="cpu")
+    assert (trainer.loss_scaling, trainer.scaler.is_enabled()) == expected
+    if trainer.loss_scaling == "static":
+        assert trainer.scaler.get_min_scale() == trainer.scaler.get_max_scale() == trainer.scaler.get_scale()
+    if trainer.loss_scaling == "none" and trainer.scaler.is_enabled():
+        assert trainer.scaler.get_scale() == 1.0 == trainer.scaler.get_max_scale()
+    with pytest.warns(DeprecationWarning):
+        assert trainer.step == trainer.num_steps == 0

@@ -137,7 +137,7 @@ def apply_fastamp(target: Any, *, skip_nonfinite: bool = False, **scaler_kwargs:
     if scaler is not None:
         accelerator.scaler = scaler
     elif skip_nonfinite and stock is None:
-        guard = GradScaler(device_type, init_scale=1.0, growth_interval=2**30, min_scale=1.0, max_scale=1.0)
+        guard = GradScaler.nonfinite_guard(device_type)
         guard.scale(torch.zeros((), device=accelerator.device))  # the scale lives on the accelerator's device
     step_scaler = scaler if scaler is not None else guard
 

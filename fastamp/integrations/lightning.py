@@ -36,7 +36,7 @@ from .. import ops
 from .._batch import LossFn
 from .._gradients import clip_gradients, local_grads
 from .._metrics import memory_mb
-from ..forensics import OverflowDiagnosis, OverflowWatch, diagnose_overflow
+from ..forensics import OverflowDiagnosis, OverflowWatch, diagnose_overflow_in_run
 from ..grad_scaler import GradScaler
 
 __all__ = ["AMPMonitor", "FusedMixedPrecision"]
@@ -86,7 +86,9 @@ class FusedMixedPrecision(MixedPrecision):
         **scaler_kwargs: Any,
     ) -> None:
         if precision not in ("16-mixed", "bf16-mixed", "32-true"):
-            raise ValueError(f"FusedMixedPrecision(precision={precision!r}): use '16-mixed', 'bf16-mixed' or '32-true'")
+            # Lightning's own text first (its tests and users match it), then what fastamp adds.
+            raise ValueError(f"`Passed `MixedPrecision(precision={precision!r})`. Precision must be '16-mixed' or "
+                             f"'bf16-mixed'. fastamp's FusedMixedPrecision, which stands in for it, also takes '32-true'.")
         if scaler is None and precision == "16-mixed":
             scaler = GradScaler(device, **scaler_kwargs)
         # Lightning's plugin knows only the two mixed precisions; 32-true is bf16-mixed without autocast.
@@ -95,7 +97,7 @@ class FusedMixedPrecision(MixedPrecision):
         self.skip_nonfinite = bool(skip_nonfinite) and precision != "16-mixed"
         if self.skip_nonfinite:
             # The guard: a scaler pinned at 1, so that the clip's norm pass also decides the skip.
-            self.scaler = GradScaler(device, init_scale=1.0, growth_interval=2**30, min_scale=1.0, max_scale=1.0)
+            self.scaler = GradScaler.nonfinite_guard(device)
         self.last_grad_norm: Optional[Tensor] = None  # device tensor, before clipping
         self.last_optimizer_time: Optional[float] = None  # seconds, host clock around the optimizer phase
         self._phase_start: Optional[float] = None
@@ -144,9 +146,10 @@ class FusedMixedPrecision(MixedPrecision):
             # Another scaler cannot fold the clip into a fused optimizer's step; its grads are still
             # scaled here, so clipping them would clip at clip_val / scale. Refuse, as the stock plugin does.
             raise RuntimeError(
-                f"The current optimizer, {type(_unwrap(optimizer)).__qualname__}, unscales its gradients inside its "
-                f"step, so {type(self.scaler).__qualname__} cannot clip them before it: use fastamp.GradScaler (the "
-                "default of FusedMixedPrecision), which folds the clip into the optimizer, or a non-fused optimizer"
+                f"The current optimizer, {type(_unwrap(optimizer)).__qualname__}, does not allow for gradient clipping"
+                " because it performs unscaling of gradients internally. HINT: Are you using a 'fused' optimizer? "
+                f"fastamp: {type(self.scaler).__qualname__} cannot clip a fused optimizer's still-scaled gradients; "
+                "fastamp.GradScaler (FusedMixedPrecision's default) folds the clip into the optimizer's step"
             )
         # Lightning's own dispatch (skipping MixedPrecision's refusal of fused optimizers, which fastamp's
         # scaler handles), so that subclasses overriding clip_grad_by_norm/_by_value are honoured.
@@ -297,11 +300,8 @@ class AMPMonitor(Callback):
         if not self._watch.observe(step - 1, skipped, scale) or self.loss_fn is None:
             return
         precision = str(trainer.precision_plugin.precision)
-        try:
-            report = diagnose_overflow(pl_module, batch, loss_fn=self.loss_fn, precision=precision, loss_scale=scale,
-                                       device=pl_module.device)
-        except Exception as e:  # a diagnosis must not end the run it diagnoses; the model is restored
-            report = OverflowDiagnosis(found=False, precision=precision, notes=[f"the replay raised {e!r}"])
+        report = diagnose_overflow_in_run(pl_module, batch, loss_fn=self.loss_fn, precision=precision, loss_scale=scale,
+                                          device=pl_module.device)
         report.step, report.replayed_at_step = step - 1, step
         self.overflow_diagnoses.append(report)
         _log.warning("fastamp: %s", report)
