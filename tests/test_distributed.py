@@ -189,7 +189,7 @@ def test_functional_sharded_clip_and_process_groups():
 def _ddp_worker(rank: int, rendezvous: str, precision: str) -> None:
     init(rank, rendezvous)
     try:
-        from fastamp.cli.demo import stock_amp_loop
+        from fastamp.testing.stock_loop import stock_amp_run
 
         torch.manual_seed(0)
         base = build_model("tiny", num_layers=1, d_model=32, num_heads=2, vocab_size=64, seq_len=8)
@@ -199,7 +199,7 @@ def _ddp_worker(rank: int, rendezvous: str, precision: str) -> None:
         trainer = FusedMixedPrecisionTrainer(fused_model, torch.optim.AdamW(fused_model.parameters(), lr=1e-2),
                                              precision=precision, max_grad_norm=1e9, init_scale=2.0**8)
         stats = trainer.fit(data, 4, progress=False)
-        stock = stock_amp_loop(stock_model, torch.optim.AdamW(stock_model.parameters(), lr=1e-2), data, precision,
+        stock = stock_amp_run(stock_model, torch.optim.AdamW(stock_model.parameters(), lr=1e-2), data, precision,
                                max_grad_norm=1e9)
         for p, q in zip(fused_model.parameters(), stock_model.parameters()):
             if precision == "fp32":

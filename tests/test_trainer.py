@@ -1,4 +1,5 @@
-"""FusedMixedPrecisionTrainer on CPU, against the hand-written stock AMP loop (fastamp.cli.demo.stock_amp_loop)."""
+"""FusedMixedPrecisionTrainer on CPU, against the hand-written stock AMP loop (fastamp.testing.stock_loop,
+written with torch alone)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import torch
 from fastamp import GradScaler
 from fastamp._plots import plot_dashboard
 from fastamp._precision import normalize_precision
-from fastamp.cli.demo import stock_amp_loop
 from fastamp.testing import HostReads
 from fastamp.testing.models import build_model, synthetic_batches
+from fastamp.testing.stock_loop import stock_amp_run
 from fastamp.trainer import FusedMixedPrecisionTrainer, StepResult
 
 PRECISIONS = ["fp32", "fp16", "bf16"]
@@ -87,7 +88,7 @@ def test_fp32_matches_the_stock_loop_exactly(fused):
     data = batches(model, 6)
     trainer = FusedMixedPrecisionTrainer(model, adamw(model, fused), precision="fp32", max_grad_norm=1e9)
     stats = trainer.fit(data, 6, progress=False)
-    stock = stock_amp_loop(reference, adamw(reference, fused), data, "fp32", max_grad_norm=1e9)
+    stock = stock_amp_run(reference, adamw(reference, fused), data, "fp32", max_grad_norm=1e9)
     assert stats["loss_values"] == stock["loss_values"]
     for a, b in zip(params_of(model), params_of(reference)):
         assert torch.equal(a, b)
@@ -101,7 +102,7 @@ def test_agrees_with_the_stock_loop_with_an_active_clip(precision, fused):
     data = batches(model, 8)
     trainer = FusedMixedPrecisionTrainer(model, adamw(model, fused), precision=precision, max_grad_norm=0.1)
     stats = trainer.fit(data, 8, progress=False)
-    stock = stock_amp_loop(reference, adamw(reference, fused), data, precision, max_grad_norm=0.1)
+    stock = stock_amp_run(reference, adamw(reference, fused), data, precision, max_grad_norm=0.1)
     tol = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 2e-2}[precision]
     torch.testing.assert_close(torch.tensor(stats["loss_values"]), torch.tensor(stock["loss_values"]), rtol=tol, atol=tol)
     assert stats["overflow_step_indices"] == stock["overflow_step_indices"]

@@ -1,9 +1,11 @@
 """``fastamp demo``: the test transformer trained twice, stock PyTorch AMP vs FusedMixedPrecisionTrainer.
 
 Both runs start from the same weights and see the same batches. The stock loop is the one people write
-by hand: autocast forward, ``torch.amp.GradScaler`` scaled backward, ``unscale_``,
-``torch.nn.utils.clip_grad_norm_``, ``step``, ``update``. The fastamp run is
-:class:`~fastamp.trainer.FusedMixedPrecisionTrainer` with the same optimizer settings.
+by hand (:class:`fastamp.testing.stock_loop.StockAMPLoop`: autocast forward, ``torch.amp.GradScaler``
+scaled backward, ``unscale_``, ``torch.nn.utils.clip_grad_norm_``, ``step``, ``update``). The fastamp run
+is :class:`~fastamp.trainer.FusedMixedPrecisionTrainer` with the same optimizer settings. The two run
+interleaved, in blocks of steps whose order alternates, so that load on the machine hits both alike;
+the table shows the median step time and its spread.
 """
 
 from __future__ import annotations
@@ -15,22 +17,24 @@ import math
 import os
 import platform
 import statistics
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
 from .._metrics import StepHistory, StepTimer, memory_mb, training_statistics
 from .._plots import plot_dashboard
-from .._precision import autocast_dtype, normalize_precision
+from .._precision import normalize_precision
 from ..testing.models import MODEL_SIZES, TransformerLM, build_model, synthetic_batches
+from ..testing.stock_loop import StockAMPLoop
 from ..trainer import FusedMixedPrecisionTrainer
 
-__all__ = ["default_precision", "run_demo", "stock_amp_loop"]
+__all__ = ["default_precision", "run_demo"]
 
 # Few tokens per step and a large vocabulary: the optimizer-side phase is a visible share of the step.
 DEMO_BATCH = {"tiny": (8, 32), "small": (4, 32), "base": (4, 64)}  # (batch size, sequence length)
 DEMO_TOKENS = 256  # token ids the synthetic task uses: learnable within the demo's steps
 MAX_GRAD_NORM = 1.0
+INTERLEAVE = 5  # steps of one run before the other's turn
 INJECT_PARAMETER = "layers.0.feedforward.0.weight"  # where the demo plants its bad gradient
 
 
@@ -68,52 +72,15 @@ def _make_optimizer(model: torch.nn.Module, kind: str) -> torch.optim.Optimizer:
                              foreach=None if kind == "fused" else True)
 
 
-def stock_amp_loop(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: List[Dict[str, torch.Tensor]],
-    precision: str,
-    max_grad_norm: float = MAX_GRAD_NORM,
-) -> Dict[str, Any]:
-    """The hand-written PyTorch AMP loop; returns statistics with the trainer's per-step keys."""
-    precision = normalize_precision(precision)
-    device = next(model.parameters()).device
-    dtype = autocast_dtype(precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    history = StepHistory(StepTimer(device))
-    timer = history.timer
-    model.train()
-    for batch in batches:
-        start = timer.start()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
-            loss = model(**batch)["loss"]
-        scaler.scale(loss).backward()
-        phase = timer.start()
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        scaler.step(optimizer)
-        # Read before update() replaces it. torch's scaler has no sync-free public accessor for its scale
-        # tensor (get_scale() reads it to the host), so the stock loop's is read where torch keeps it.
-        scale = scaler._scale.clone() if scaler.is_enabled() else torch.ones((), device=device)
-        scaler.update()
-        optimizer_time = timer.stop(phase)
-        # With a scaler, the step was skipped exactly when a gradient was non-finite, i.e. when the norm of
-        # the unscaled grads is; without one (bf16, fp32) the stock loop skips nothing.
-        found_inf = ((~torch.isfinite(norm.detach())).float() if scaler.is_enabled()
-                     else torch.zeros((), device=device))
-        history.record(loss=loss.detach().float(), grad_norm=norm.detach().float(), scale=scale,
-                       found_inf=found_inf, step_time=timer.stop(start),
-                       optimizer_time=optimizer_time, memory=memory_mb(device), tokens=batch["input_ids"].numel())
-    return training_statistics(history.read())
-
-
 def _summary(stats: Dict[str, Any], warmup: int, tokens_per_step: int) -> Dict[str, float]:
     timed_steps = stats["step_times"][warmup:] or stats["step_times"]
     timed_opt = stats["optimizer_times"][warmup:] or stats["optimizer_times"]
+    quartiles = statistics.quantiles(timed_steps, n=4) if len(timed_steps) > 1 else [timed_steps[0]] * 3
     return {
         "steps_per_second": 1.0 / statistics.median(timed_steps),
         "step_ms_median": statistics.median(timed_steps) * 1e3,
+        "step_ms_p25": quartiles[0] * 1e3,
+        "step_ms_p75": quartiles[2] * 1e3,
         "optimizer_phase_ms_median": statistics.median(timed_opt) * 1e3,
         "skipped_steps": stats["overflow_steps"],
         "final_loss": stats["loss_values"][-1],
@@ -182,19 +149,48 @@ def run_demo(
             GradientInjector(model, batches[inject_at], value)
         return model, _make_optimizer(model, optimizer)
 
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    model, opt = fresh()
-    stock = stock_amp_loop(model, opt, batches, precision)
-    del model, opt
-    if dev.type == "cuda":
-        stock["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 1e6
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
-
+    stock_model, stock_opt = fresh()
+    stock_loop = StockAMPLoop(stock_model, stock_opt, precision, MAX_GRAD_NORM)
+    stock_history = StepHistory(StepTimer(dev))
     model, opt = fresh()
     trainer = FusedMixedPrecisionTrainer(model, opt, precision=precision, max_grad_norm=MAX_GRAD_NORM)
-    fused = trainer.fit(batches, steps, log_every=max(1, steps // 5), progress=progress)
+    peak = {"stock AMP": 0.0, "fastamp": 0.0}
+
+    def stock_step(batch: Dict[str, torch.Tensor]) -> None:
+        timer = stock_history.timer
+        phase: Dict[str, Any] = {}
+
+        @contextlib.contextmanager
+        def optimizer_phase():
+            phase["start"] = timer.start()
+            yield
+            phase["time"] = timer.stop(phase["start"])
+
+        start = timer.start()
+        record = stock_loop.step(batch, optimizer_phase)
+        stock_history.record(loss=record["loss"], grad_norm=record["grad_norm"], scale=record["scale"],
+                             found_inf=record["skipped"].float(), step_time=timer.stop(start),
+                             optimizer_time=phase["time"], memory=memory_mb(dev), tokens=batch["input_ids"].numel())
+
+    runs = {"stock AMP": stock_step, "fastamp": trainer.train_step}
+    # Interleaved in blocks of INTERLEAVE steps, the order alternating from block to block, so that a busy
+    # or drifting machine slows both runs alike.
+    for block_start in range(0, steps, INTERLEAVE):
+        order = list(runs) if (block_start // INTERLEAVE) % 2 == 0 else list(reversed(runs))
+        for name in order:
+            for step in range(block_start, min(steps, block_start + INTERLEAVE)):
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                runs[name](batches[step])
+                if dev.type == "cuda":
+                    peak[name] = max(peak[name], torch.cuda.max_memory_allocated(dev) / 1e6)
+        done = min(steps, block_start + INTERLEAVE)
+        if progress and (done % max(1, steps // 5) < INTERLEAVE or done == steps):
+            log(f"  {done}/{steps} steps of each run")
+    stock = training_statistics(stock_history.read())
+    fused = trainer.get_training_statistics()
+    if dev.type == "cuda":  # both models live through both runs: the peaks include the other's weights
+        stock["peak_memory_mb"], fused["peak_memory_mb"] = peak["stock AMP"], peak["fastamp"]
 
     warmup = min(3, steps - 1)
     tokens_per_step = batch_size * seq_len
@@ -249,10 +245,15 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
+def _spread(row: Dict[str, float]) -> str:
+    return f"{row['step_ms_p25']:.1f}-{row['step_ms_p75']:.1f}"
+
+
 def _format_table(rows: Dict[str, Dict[str, float]], max_loss_diff: float, compared: str = "") -> str:
     lines = [
         f"{'':30} {'stock AMP':>14} {'fastamp':>14}",
         f"{'steps/s (median)':30} {rows['stock AMP']['steps_per_second']:14.2f} {rows['fastamp']['steps_per_second']:14.2f}",
+        f"{'step ms (p25-p75)':30} {_spread(rows['stock AMP']):>14} {_spread(rows['fastamp']):>14}",
         f"{'optimizer phase ms/step':30} {rows['stock AMP']['optimizer_phase_ms_median']:14.2f} "
         f"{rows['fastamp']['optimizer_phase_ms_median']:14.2f}",
         f"{'tokens/s':30} {rows['stock AMP']['tokens_per_second']:14.0f} {rows['fastamp']['tokens_per_second']:14.0f}",
