@@ -56,7 +56,7 @@ $(PY):
 
 $(DEPS_STAMP): $(PY) Makefile
 	rm -f $(VENV)/.deps-* $(VENV)/.build-*
-	$(PIP) install -q "$(TORCH_SPEC)" numpy pytest pytest-benchmark hypothesis ninja setuptools wheel matplotlib tqdm "lightning>=2.2" \
+	$(PIP) install -q "$(TORCH_SPEC)" pytest pytest-benchmark hypothesis ninja setuptools wheel matplotlib tqdm "lightning>=2.2" \
 		transformers==5.24.0 accelerate==1.15.0 ruff==0.17.6 clang-format==23.1.5
 	touch $@
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from ._plots import pyplot
 
 __all__ = [
     "ALIGNMENT",
+    "CPU_SHAPES",
     "DEFAULT_SHAPES",
     "PEAK_TFLOPS",
     "AlignedLinear",
@@ -64,6 +65,14 @@ DEFAULT_SHAPES: List[Tuple[int, int, int]] = [
     (4096, 4095, 4095),
     (8192, 770, 768),
     (2048, 3000, 1000),
+]
+
+# The same kinds of shape at a size a CPU times in about half a minute (``fastamp gemm --device cpu``);
+# ``--full`` takes DEFAULT_SHAPES there too.
+CPU_SHAPES: List[Tuple[int, int, int]] = [
+    (512, 12565, 768),
+    (2048, 2047, 2047),
+    (4096, 770, 768),
 ]
 
 _DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -160,13 +169,15 @@ def benchmark_gemm(
     multiples: Sequence[int] = (8, 16, 64, 128),
     repeats: Optional[int] = None,
     warmup: int = 3,
+    progress: Optional[Callable[[str], None]] = None,
 ) -> List[GemmResult]:
     """Time each (M, N, K) GEMM as given and with every dimension rounded up to each multiple.
 
     dtypes: ``fp32``, ``tf32``, ``fp16``, ``bf16``, ``fp8`` (e4m3 through ``torch._scaled_mm``, on GPUs of
     compute capability 8.9+; fp8 dims are aligned to at least 16). Default: all the device supports
     (CPU: fp32 and bf16). CUDA timing uses events; CPU uses perf_counter (GFLOP/s = TFLOP/s x 1000).
-    ``pct_of_peak`` is relative to :data:`PEAK_TFLOPS` for known GPUs, else None.
+    ``pct_of_peak`` is relative to :data:`PEAK_TFLOPS` for known GPUs, else None. ``progress`` is called
+    with a line before each GEMM is timed.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtypes is None:
@@ -196,6 +207,8 @@ def benchmark_gemm(
             if dtype == "fp8":  # _scaled_mm needs dims that are multiples of 16: no unaligned fp8 GEMM
                 variants = [v for v in variants if v[0] is not None]
             for aligned_to, (mm, nn_, kk) in variants:
+                if progress is not None:
+                    progress(f"{m}x{n}x{k} {dtype}" + (f" aligned to {aligned_to}" if aligned_to else "") + " ...")
                 n_repeats = repeats or (20 if dev.type == "cuda" else 3)
                 seconds = _timed_gemm(mm, nn_, kk, dtype, dev, n_repeats, warmup if dev.type == "cuda" else 1)
                 # FLOPs of the original problem: padding is overhead, not useful work.

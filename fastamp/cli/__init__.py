@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 __all__ = ["main"]
 
@@ -84,11 +84,24 @@ def _build_kernels(args: argparse.Namespace) -> int:
 
 
 def _gemm(args: argparse.Namespace) -> int:
+    import torch
+
     from .. import gemm
 
-    shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shape] if args.shape else gemm.DEFAULT_SHAPES
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.shape:
+        shapes = args.shape
+    else:
+        shapes = gemm.CPU_SHAPES if device == "cpu" and not args.full else gemm.DEFAULT_SHAPES
     dtypes = [d for group in args.dtype for d in group] if args.dtype else None
-    results = gemm.benchmark_gemm(shapes, dtypes=dtypes, device=args.device, repeats=args.repeats)
+
+    def progress(line: str) -> None:
+        sys.stderr.write(("\r\033[K" if sys.stderr.isatty() else "") + line + ("" if sys.stderr.isatty() else "\n"))
+        sys.stderr.flush()
+
+    results = gemm.benchmark_gemm(shapes, dtypes=dtypes, device=device, repeats=args.repeats, progress=progress)
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
     print(gemm.format_gemm_table(results))
     if args.json:
         with open(args.json, "w") as f:
@@ -179,6 +192,47 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shape(text: str) -> Tuple[int, int, int]:
+    parts = text.lower().split("x")
+    try:
+        m, n, k = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MxNxK (e.g. 4096x4095x768)") from None
+    if min(m, n, k) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: dimensions must be >= 1")
+    return m, n, k
+
+
+def _gemm_dtypes(text: str) -> List[str]:
+    from ..gemm import ALIGNMENT
+
+    dtypes = [d.strip() for d in text.split(",") if d.strip()]
+    unknown = [d for d in dtypes if d not in ALIGNMENT]
+    if unknown or not dtypes:
+        raise argparse.ArgumentTypeError(f"unknown dtype {', '.join(unknown) or text!r}; "
+                                         f"choose from {', '.join(sorted(ALIGNMENT))}")
+    return dtypes
+
+
+def _precision(text: str) -> str:
+    from .._precision import normalize_precision
+
+    try:
+        return normalize_precision(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("fastamp: ")) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``fastamp`` console script."""
     parser = argparse.ArgumentParser(prog="fastamp", description="fused mixed-precision training kernels")
@@ -202,9 +256,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     build.set_defaults(func=_build_kernels)
     demo = sub.add_parser("demo", help="train the test transformer with stock AMP and with fastamp, side by side")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    demo.add_argument("--precision", default=None,
+    demo.add_argument("--precision", default=None, type=_precision,
                       help="fp32, fp16 or bf16 (or 32-true, 16-mixed, bf16-mixed); default fp16 on GPU, bf16 on CPU")
-    demo.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
+    demo.add_argument("--steps", type=_positive, default=60, help="optimizer steps per run (default 60)")
     demo.add_argument("--size", default="small", choices=["tiny", "small", "base"], help="model size")
     demo.add_argument("--optimizer", default="fused", choices=["fused", "foreach"],
                       help="AdamW implementation, the same for both runs (default fused)")
@@ -224,25 +278,30 @@ def main(argv: Optional[List[str]] = None) -> int:
                        help="repeatable; default: all that run on the device")
     bench.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable; default: all")
     bench.add_argument("--op", action="append", choices=list(OPS), help="repeatable; default: all")
-    bench.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default by size)")
+    bench.add_argument("--repeats", type=_positive, default=None, help="timed repeats per case (default by size)")
     bench.add_argument("--json", default=None, help="write the full results (with raw times) here")
     bench.add_argument("--csv", default=None, help="write one row per case here")
     bench.set_defaults(func=_bench)
     gemm = sub.add_parser("gemm", help="GEMM TFLOP/s for original vs Tensor-Core-aligned shapes")
     gemm.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
-    gemm.add_argument("--dtype", "--dtypes", action="append", type=lambda v: v.split(","),
+    gemm.add_argument("--dtype", "--dtypes", action="append", type=_gemm_dtypes,
                       help="fp32, tf32, fp16, bf16, fp8; repeatable or comma-separated (default: all the device supports)")
-    gemm.add_argument("--shape", action="append", help="MxNxK, repeatable (default: LM-head and off-by-one shapes)")
-    gemm.add_argument("--repeats", type=int, default=None)
+    gemm.add_argument("--shape", action="append", type=_shape,
+                      help="MxNxK, repeatable (default: LM-head and off-by-one shapes; smaller ones on CPU)")
+    gemm.add_argument("--full", action="store_true", help="on CPU too, the full-size default shapes (minutes)")
+    gemm.add_argument("--repeats", type=_positive, default=None)
     gemm.add_argument("--json", default=None, help="write the results here")
     gemm.add_argument("--plot", default=None, help="write a bar chart PNG here")
     gemm.set_defaults(func=_gemm)
     analyze = sub.add_parser("analyze", help="precision analysis of the built-in transformer after a few steps")
     analyze.add_argument("--model", default="tiny", choices=["tiny", "small", "base"])
-    analyze.add_argument("--steps", type=int, default=5)
+    analyze.add_argument("--steps", type=_positive, default=5)
     analyze.add_argument("--json", default=None)
     analyze.add_argument("--plot", default=None, help="write a gradient histogram PNG here")
     analyze.set_defaults(func=_analyze)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as e:  # what the arguments ask for cannot be done here (e.g. fp8 GEMMs on this device)
+        sub.choices[args.command].error(str(e))
 
