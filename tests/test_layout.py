@@ -40,22 +40,35 @@ def _public_modules():
     return names
 
 
-@pytest.mark.parametrize("name", _public_modules())
-def test_all_lists_only_public_names_defined_here(name):
+def _module(name):
     if name.endswith("lightning"):
         pytest.importorskip("lightning")
     if name.endswith("huggingface"):
         pytest.importorskip("transformers")
-    module = importlib.import_module(name)
+    return importlib.import_module(name)
+
+
+def _is_private(module_name: str) -> bool:
+    return any(part.startswith("_") for part in module_name.split("."))
+
+
+@pytest.mark.parametrize("name", _public_modules())
+def test_all_lists_only_public_names_defined_here(name):
+    """Each public name has one public home: where it is defined, or (for what a private module
+    defines) the one public module that hands it on; packages' faces hand on their submodules' names."""
+    module = _module(name)
     exported = getattr(module, "__all__", None)
     assert exported is not None, f"{name} has no __all__"
     for attr in exported:
         assert not attr.startswith("_") or attr == "__version__", f"{name}.__all__ lists private {attr}"
         value = getattr(module, attr)
-        if isinstance(value, type(sys)):
-            continue  # a submodule handed on
         if not (inspect.isclass(value) or inspect.isfunction(value)):
-            continue  # constants, type aliases, instances
+            continue  # constants, type aliases, instances, submodules
         home = value.__module__
-        is_package = hasattr(module, "__path__")  # a package's face hands on its submodules' names
-        assert home == name or (is_package and home.startswith("fastamp.")), f"{name}.__all__ re-exports {attr} from {home}"
+        if home == name or (hasattr(module, "__path__") and home.startswith("fastamp.")):
+            continue
+        assert _is_private(home), f"{name}.__all__ re-exports {attr} from the public module {home}"
+        others = [m for m in _public_modules() if m != name and not _is_private(m)
+                  and not hasattr(importlib.import_module(m), "__path__")
+                  and attr in getattr(importlib.import_module(m), "__all__", ())]
+        assert not others, f"{attr} (from {home}) is handed on by {name} and by {others}"

@@ -1,4 +1,4 @@
-"""The fastamp operator library: schemas (defined once, here) and fake kernels.
+"""The fastamp operator library: schemas (inferred from the reference, here) and fake kernels.
 
 The fake kernels validate their inputs exactly as the real ones do (so a bad call fails at trace
 time and on the meta device too) and return correctly shaped outputs.
@@ -10,6 +10,7 @@ reference from :mod:`fastamp.ops._reference` instead; :func:`fastamp.build_info`
 
 from __future__ import annotations
 
+import re
 from typing import List, Optional, Tuple
 
 import torch
@@ -18,29 +19,32 @@ from torch import Tensor
 from . import _reference as ref
 from ._reference import norm_dtype
 
-__all__ = ["LIBRARY", "OP_NAMES", "SCHEMAS"]
+__all__ = ["FAKES", "LIBRARY", "MUTATES", "OP_NAMES", "SCHEMAS"]
 
 LIBRARY = torch.library.Library("fastamp", "DEF")
 
-# Mutation annotations ((a!) etc.) say exactly which arguments an op writes; torch.compile's
-# functionalization and torch.library.opcheck rely on them.
-SCHEMAS = {
-    "unscale_check_": "unscale_check_(Tensor(a!)[] grads, Tensor(b!) found_inf, Tensor inv_scale) -> ()",
-    "grad_norm": (
-        "grad_norm(Tensor[] grads, Tensor? inv_scale, Tensor(a!)? found_inf, bool per_tensor) -> (Tensor, Tensor)"
-    ),
-    "unscale_check_norm_": (
-        "unscale_check_norm_(Tensor(a!)[] grads, Tensor(b!) found_inf, Tensor inv_scale, bool per_tensor)"
-        " -> (Tensor, Tensor)"
-    ),
-    "clip_coef": "clip_coef(Tensor total_norm, float max_norm, float eps) -> Tensor",
-    "scale_": "scale_(Tensor(a!)[] tensors, Tensor factor, Tensor? found_inf) -> ()",
-    "update_scale_": (
-        "update_scale_(Tensor(a!) scale, Tensor(b!) growth_tracker, Tensor found_inf, float growth_factor,"
-        " float backoff_factor, int growth_interval, int hysteresis, Tensor(c!)? hysteresis_tracker,"
-        " float min_scale, float max_scale) -> ()"
-    ),
+# Each op is stated once, by its reference implementation's signature (names, types, defaults): the
+# schema is inferred from it, with these arguments marked as written. The mutation annotations are what
+# torch.compile's functionalization and torch.library.opcheck rely on. tests/ops/test_signatures.py
+# holds the wrapper, the fake kernel and the C++ registrations to the same signature.
+MUTATES = {
+    "unscale_check_": ("grads", "found_inf"),
+    "grad_norm": ("found_inf",),
+    "unscale_check_norm_": ("grads", "found_inf"),
+    "clip_coef": (),
+    "scale_": ("tensors",),
+    "update_scale_": ("scale", "growth_tracker", "hysteresis_tracker"),
 }
+
+
+def _inferred_schema(name: str) -> str:
+    # The kernels take int64_t: plain ints, not the symbolic ints infer_schema offers for traced shapes.
+    # Defaults stay with the Python functions (the schema language cannot say inf); callers pass every argument.
+    schema = torch.library.infer_schema(getattr(ref, name), mutates_args=MUTATES[name]).replace("SymInt ", "int ")
+    return name + re.sub(r"=[^,)]*", "", schema)
+
+
+SCHEMAS = {name: _inferred_schema(name) for name in MUTATES}
 OP_NAMES = tuple(SCHEMAS)
 
 for _schema in SCHEMAS.values():
@@ -107,3 +111,13 @@ def _update_scale_fake(
     max_scale: float,
 ) -> None:
     ref.validate_update_scale(scale, growth_tracker, found_inf, hysteresis, hysteresis_tracker, min_scale, max_scale)
+
+
+FAKES = {
+    "unscale_check_": _unscale_check_fake,
+    "grad_norm": _grad_norm_fake,
+    "unscale_check_norm_": _unscale_check_norm_fake,
+    "clip_coef": _clip_coef_fake,
+    "scale_": _scale_fake,
+    "update_scale_": _update_scale_fake,
+}
