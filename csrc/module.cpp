@@ -2,6 +2,8 @@
 // loaded (TORCH_LIBRARY_IMPL blocks); the module only carries build facts for fastamp.build_info().
 #include <Python.h>
 
+#include "multi_tensor_plan.h"
+
 #ifndef FASTAMP_CUDA_ARCHS
 #define FASTAMP_CUDA_ARCHS ""
 #endif
@@ -47,6 +49,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyModule_AddStringConstant(module, "torch_version", FASTAMP_TORCH_VERSION);
   PyModule_AddStringConstant(module, "source_hash", FASTAMP_SOURCE_HASH);
   PyModule_AddIntConstant(module, "large_kernel_params", FASTAMP_LARGE_KERNEL_PARAMS);
+  PyModule_AddIntConstant(module, "chunk_size", static_cast<long>(fastamp::kChunkSize));
 #if defined(FASTAMP_WITH_CUDA)
   PyModule_AddIntConstant(module, "cuda_driver_version", fastamp_cuda_driver_version());
 #else

@@ -17,6 +17,11 @@
 
 namespace fastamp {
 
+// Elements per chunk, the unit of work of a block (CUDA) or a work claim (CPU), and the unit of fp32
+// accumulation (fp64 across chunks). One value for both backends; fastamp._C exports it (chunk_size),
+// and the tests take it from there.
+constexpr int64_t kChunkSize = 65536;
+
 struct Launch {
   // Indices into the input list of the tensors this launch touches, in list order. A tensor larger
   // than one launch's block capacity appears in several consecutive launches.

@@ -216,6 +216,7 @@ def extension_status() -> Dict[str, Any]:
         "compiled_torch_version": getattr(module, "torch_version", None),
         "openmp": bool(getattr(module, "openmp", 0)) if module else False,
         "large_kernel_params": bool(getattr(module, "large_kernel_params", 0)),
+        "chunk_size": getattr(module, "chunk_size", None),
         "cuda_driver_version": getattr(module, "cuda_driver_version", 0) or None,
         "reference_fallback": {key: list(ops) for key, ops in _REFERENCE_KEYS.items()},
         "warning": _WARNING,

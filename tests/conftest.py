@@ -4,42 +4,14 @@ pure-PyTorch reference, on the same inputs."""
 from __future__ import annotations
 
 import os
-import types
 
 import pytest
 import torch
 
 import fastamp
 from fastamp import ops
-from fastamp.testing import reference as _reference
+from fastamp.testing import IMPLEMENTATIONS
 
-
-def _reference_ops() -> types.SimpleNamespace:
-    def grad_norm(grads, inv_scale=None, found_inf=None, per_tensor=False):
-        if not grads:
-            return ops.grad_norm(grads, inv_scale, found_inf, per_tensor)
-        total, per = _reference.grad_norm(grads, inv_scale, found_inf, per_tensor)
-        return total, (per if per_tensor else None)
-
-    def unscale_check_norm_(grads, found_inf, inv_scale, per_tensor=False):
-        total, per = _reference.unscale_check_norm_(grads, found_inf, inv_scale, per_tensor)
-        return total, (per if per_tensor else None)
-
-    def update_scale_(scale, *args, **kwargs):
-        _reference.update_scale_(scale, *args, **kwargs)
-        return scale
-
-    return types.SimpleNamespace(
-        unscale_check_=_reference.unscale_check_,
-        grad_norm=grad_norm,
-        unscale_check_norm_=unscale_check_norm_,
-        clip_coef=_reference.clip_coef,
-        scale_=_reference.scale_,
-        update_scale_=update_scale_,
-    )
-
-
-IMPLEMENTATIONS = {"kernel": ops, "reference": _reference_ops()}
 # CUDA cases are generated only where a GPU is: a CPU run lists no per-case GPU skips, so that a skip
 # that appears is news (the report header says what was left out).
 DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]

@@ -13,7 +13,7 @@ import torch
 
 import fastamp
 from fastamp import ops
-from fastamp.cli.check import grad_cases
+from fastamp.testing import grad_cases
 
 
 def main() -> int:

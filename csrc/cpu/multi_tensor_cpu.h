@@ -19,8 +19,9 @@
 
 namespace fastamp::cpu {
 
-// 64K elements: large enough to amortize per-chunk work, small enough to balance a few threads.
-constexpr int64_t kChunkSize = 65536;
+// 64K elements (multi_tensor_plan.h): large enough to amortize per-chunk work, small enough to balance
+// a few threads.
+using fastamp::kChunkSize;
 // Independent accumulators per chunk: breaks the add dependency chain so the loop vectorizes, and
 // keeps a fixed summation order.
 constexpr int kLanes = 16;

@@ -13,7 +13,7 @@
 
 namespace fastamp::cuda {
 
-constexpr int64_t kChunkSize = 65536;
+using fastamp::kChunkSize;
 
 // Launch capacity: what fits in one kernel's parameters. CUDA 12.1+ gives kernels on Volta and newer
 // 32,764 bytes of parameters (setup.py defines FASTAMP_LARGE_KERNEL_PARAMS when every compiled arch

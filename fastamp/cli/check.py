@@ -18,7 +18,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -27,12 +27,10 @@ from .. import ops
 from .._extension import extension_status
 from ..grad_scaler import GradScaler
 from ..testing import reference
+from ..testing.cases import chunk_size, clones, grad_cases, relative_error, same_bits, tolerance
 
 __all__ = ["CheckResult", "CheckReport", "format_report", "main_exit_code", "run_checks"]
 
-CHUNK = 65536
-# Relative error allowed on norms: fp32 accumulation per 64K chunk against the reference's fp64.
-NORM_RTOL = {torch.float32: 2e-6, torch.float16: 2e-6, torch.bfloat16: 2e-6, torch.float64: 1e-12}
 
 
 @dataclass
@@ -81,31 +79,11 @@ class CheckFailed(AssertionError):
 # ---- comparisons -----------------------------------------------------------------------------------
 
 
-def _same(a: Tensor, b: Tensor) -> bool:
-    """Bit-identical values, any NaN matching any NaN (bf16 NaN payloads differ between torch's paths)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    return bool(((a == b) | (a.isnan() & b.isnan())).all())
-
-
 def _max_abs_error(a: Tensor, b: Tensor) -> float:
     finite = torch.isfinite(a) & torch.isfinite(b)
     if not bool(finite.any()):
         return 0.0
     return float((a.double()[finite] - b.double()[finite]).abs().max())
-
-
-def _rel_error(actual: Tensor, expected: Tensor) -> float:
-    a, e = actual.double().reshape(-1), expected.double().reshape(-1)
-    if a.shape != e.shape:
-        return math.inf
-    if not bool(((a.isnan() == e.isnan()) & (a.isinf() == e.isinf())).all()):
-        return math.inf
-    finite = torch.isfinite(e)
-    if not bool(finite.any()):
-        return 0.0 if bool((a[~finite] == e[~finite]).all() | (a.isnan() & e.isnan()).all()) else math.inf
-    diff = (a[finite] - e[finite]).abs() / e[finite].abs().clamp(min=1e-30)
-    return float(diff.max())
 
 
 def _expect(ok: bool, message: str, error: float = math.inf) -> None:
@@ -114,55 +92,6 @@ def _expect(ok: bool, message: str, error: float = math.inf) -> None:
 
 
 # ---- inputs ----------------------------------------------------------------------------------------
-
-
-MIXED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _values(n: int, dtype: torch.dtype, device: str, generator: torch.Generator) -> Tensor:
-    return (torch.randn(n, generator=generator) * 30).to(device=device, dtype=dtype)
-
-
-def grad_cases(device: str, seed: int = 0) -> Iterator[Tuple[str, List[Tensor]]]:
-    """Named lists of gradients covering the awkward cases (each call makes fresh tensors)."""
-    g = torch.Generator().manual_seed(seed)
-    dtypes = MIXED_DTYPES
-
-    def mixed(sizes: Sequence[int]) -> List[Tensor]:
-        return [_values(n, dtypes[i % len(dtypes)], device, g) for i, n in enumerate(sizes)]
-
-    boundaries = [0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65]
-    yield "vector-boundaries", mixed(boundaries)
-    yield "chunk-boundaries", mixed([CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 3])
-    yield "one-element", mixed([1])
-    yield "empty-tensors", mixed([0, 0, 5, 0])
-    sizes = torch.randint(1, 700, (300,), generator=g).tolist()
-    yield "300-tensors", mixed(sizes)
-    for dtype in dtypes:
-        yield f"only-{str(dtype).replace('torch.', '')}", [_values(n, dtype, device, g) for n in (1000, 70001)]
-    if device == "cpu":
-        yield "float64", [_values(n, torch.float64, device, g) for n in (3, 70001)]
-    base = _values(3 * 70000 + 8, torch.float16, device, g)
-    matrix = _values(300 * 257, torch.float32, device, g).reshape(300, 257)
-    yield "non-contiguous", [matrix.t(), matrix[:, ::2], _values(64 * 33, torch.bfloat16, device, g).reshape(64, 33)[1:, 3:]]
-    yield "misaligned-views", [base[1:70001], base[70003:140010], base[140013:]]
-    for where in ("first", "last"):
-        for bad in ("nan", "inf", "-inf"):
-            grads = mixed([17, CHUNK + 5, 33])
-            target = grads[0] if where == "first" else grads[-1]
-            target.view(-1)[0 if where == "first" else -1] = float(bad)
-            yield f"{bad}-at-{where}-element", grads
-
-
-def _clones(grads: Sequence[Tensor]) -> List[Tensor]:
-    """Copies with the same strides and storage offset (non-contiguity and misalignment preserved)."""
-    out = []
-    for t in grads:
-        storage = torch.empty(t.untyped_storage().nbytes() // t.element_size(), dtype=t.dtype, device=t.device)
-        if storage.numel():
-            storage.copy_(torch.as_strided(t, (storage.numel(),), (1,), 0))
-        out.append(torch.as_strided(storage, t.shape, t.stride(), t.storage_offset()))
-    return out
 
 
 def _scalar(value: float, device: str, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -175,23 +104,23 @@ def _scalar(value: float, device: str, dtype: torch.dtype = torch.float32) -> Te
 def _check_unscale_check(device: str) -> float:
     for case, grads in grad_cases(device):
         for inv in (0.37, 1.0, 2.0**-16):
-            ours, theirs = _clones(grads), _clones(grads)
+            ours, theirs = clones(grads), clones(grads)
             f_ours, f_ref = _scalar(0.0, device), _scalar(0.0, device)
             ops.unscale_check_(ours, f_ours, _scalar(inv, device))
             reference.unscale_check_(theirs, f_ref, _scalar(inv, device))
-            _expect(_same(f_ours, f_ref), f"{case}, inv_scale {inv}: found_inf {f_ours.item()} vs {f_ref.item()}")
+            _expect(same_bits(f_ours, f_ref), f"{case}, inv_scale {inv}: found_inf {f_ours.item()} vs {f_ref.item()}")
             for i, (a, b) in enumerate(zip(ours, theirs)):
-                _expect(_same(a, b), f"{case}, inv_scale {inv}, tensor {i} ({a.dtype}): max |diff| {_max_abs_error(a, b):.3g}",
-                        _max_abs_error(a, b))
+                error = _max_abs_error(a, b)
+                _expect(same_bits(a, b), f"{case}, inv_scale {inv}, tensor {i} ({a.dtype}): max |diff| {error:.3g}", error)
             fp32 = [i for i, t in enumerate(grads) if t.dtype == torch.float32]
             if fp32:
-                stock = _clones([grads[i] for i in fp32])
+                stock = clones([grads[i] for i in fp32])
                 f_stock = _scalar(0.0, device)
                 torch._amp_foreach_non_finite_check_and_unscale_(stock, f_stock, _scalar(inv, device))
-                _expect(_same(f_stock, _scalar(float(any(not bool(torch.isfinite(grads[i]).all()) for i in fp32)), device)),
+                _expect(same_bits(f_stock, _scalar(float(any(not bool(torch.isfinite(grads[i]).all()) for i in fp32)), device)),
                         f"{case}: torch's found_inf disagrees with its input")
                 for i, s in zip(fp32, stock):
-                    _expect(_same(ours[i], s),
+                    _expect(same_bits(ours[i], s),
                             f"{case}, tensor {i}: differs from torch._amp_foreach_non_finite_check_and_unscale_")
     return 0.0
 
@@ -202,14 +131,14 @@ def _check_grad_norm(device: str) -> float:
         for inv in (None, 0.37):
             inv_t = None if inv is None else _scalar(inv, device)
             f_ours, f_ref = _scalar(0.0, device), _scalar(0.0, device)
-            before = _clones(grads)
+            before = clones(grads)
             total, per = ops.grad_norm(grads, inv_t, f_ours, per_tensor=True)
-            ref_total, ref_per = reference.grad_norm(_clones(grads), inv_t, f_ref, True)
-            _expect(_same(f_ours, f_ref), f"{case}: found_inf {f_ours.item()} vs reference {f_ref.item()}")
-            _expect(all(_same(a, b) for a, b in zip(grads, before)), f"{case}: grad_norm wrote to its input")
+            ref_total, ref_per = reference.grad_norm(clones(grads), inv_t, f_ref, True)
+            _expect(same_bits(f_ours, f_ref), f"{case}: found_inf {f_ours.item()} vs reference {f_ref.item()}")
+            _expect(all(same_bits(a, b) for a, b in zip(grads, before)), f"{case}: grad_norm wrote to its input")
             _expect(total.dtype == ref_total.dtype, f"{case}: norm dtype {total.dtype} vs {ref_total.dtype}")
-            err = max(_rel_error(total, ref_total), _rel_error(per, ref_per))
-            tol = max(NORM_RTOL[t.dtype] for t in grads)
+            err = max(relative_error(total, ref_total), relative_error(per, ref_per))
+            tol = max(tolerance("grad_norm", device, t.dtype) for t in grads)
             _expect(err <= tol, f"{case}, inv_scale {inv}: relative error {err:.3g} > {tol:g}", err)
             worst = max(worst, err)
     total, per = ops.grad_norm([], None, _scalar(0.0, device), per_tensor=True)
@@ -220,8 +149,9 @@ def _check_grad_norm(device: str) -> float:
 
 def _check_norm_repeatable(device: str) -> float:
     g = torch.Generator().manual_seed(7)
-    grads = [_values(n, dt, device, g) for n, dt in ((3 * CHUNK + 11, torch.float32), (CHUNK * 2, torch.bfloat16),
-                                                      (12345, torch.float16))] * 20
+    chunk = chunk_size()
+    grads = [(torch.randn(n, generator=g) * 30).to(device=device, dtype=dt)
+             for n, dt in ((3 * chunk + 11, torch.float32), (chunk * 2, torch.bfloat16), (12345, torch.float16))] * 20
     first, first_per = ops.grad_norm(grads, _scalar(0.5, device), None, per_tensor=True)
     for _ in range(4):
         again, again_per = ops.grad_norm(grads, _scalar(0.5, device), None, per_tensor=True)
@@ -233,15 +163,15 @@ def _check_norm_repeatable(device: str) -> float:
 def _check_unscale_check_norm(device: str) -> float:
     worst = 0.0
     for case, grads in grad_cases(device):
-        ours, theirs = _clones(grads), _clones(grads)
+        ours, theirs = clones(grads), clones(grads)
         f_ours, f_ref = _scalar(0.0, device), _scalar(0.0, device)
         total, per = ops.unscale_check_norm_(ours, f_ours, _scalar(0.25, device), per_tensor=True)
         ref_total, ref_per = reference.unscale_check_norm_(theirs, f_ref, _scalar(0.25, device), True)
-        _expect(_same(f_ours, f_ref), f"{case}: found_inf {f_ours.item()} vs reference {f_ref.item()}")
+        _expect(same_bits(f_ours, f_ref), f"{case}: found_inf {f_ours.item()} vs reference {f_ref.item()}")
         for i, (a, b) in enumerate(zip(ours, theirs)):
-            _expect(_same(a, b), f"{case}, tensor {i}: unscaled values differ", _max_abs_error(a, b))
-        err = max(_rel_error(total, ref_total), _rel_error(per, ref_per))
-        tol = max(NORM_RTOL[t.dtype] for t in grads)
+            _expect(same_bits(a, b), f"{case}, tensor {i}: unscaled values differ", _max_abs_error(a, b))
+        err = max(relative_error(total, ref_total), relative_error(per, ref_per))
+        tol = max(tolerance("unscale_check_norm_", device, t.dtype) for t in grads)
         _expect(err <= tol, f"{case}: relative error {err:.3g} > {tol:g}", err)
         worst = max(worst, err)
     return worst
@@ -250,15 +180,15 @@ def _check_unscale_check_norm(device: str) -> float:
 def _check_scale(device: str) -> float:
     for case, grads in grad_cases(device):
         for factor, flag in ((0.3, None), (1.7, 0.0), (0.3, 1.0), (0.5, float("nan"))):
-            ours, theirs = _clones(grads), _clones(grads)
+            ours, theirs = clones(grads), clones(grads)
             f = None if flag is None else _scalar(flag, device)
             ops.scale_(ours, _scalar(factor, device), f)
             reference.scale_(theirs, _scalar(factor, device), None if f is None else f.clone())
             for i, (a, b) in enumerate(zip(ours, theirs)):
-                _expect(_same(a, b), f"{case}, factor {factor}, found_inf {flag}, tensor {i}: max |diff| "
+                _expect(same_bits(a, b), f"{case}, factor {factor}, found_inf {flag}, tensor {i}: max |diff| "
                         f"{_max_abs_error(a, b):.3g}", _max_abs_error(a, b))
             if flag is not None and flag != 0.0:
-                _expect(all(_same(a, b) for a, b in zip(ours, grads)), f"{case}: found_inf={flag} but tensors changed")
+                _expect(all(same_bits(a, b) for a, b in zip(ours, grads)), f"{case}: found_inf={flag} but tensors changed")
     return 0.0
 
 
@@ -268,7 +198,7 @@ def _check_clip_coef(device: str) -> float:
         for max_norm in (1.0, 0.01, 5.0):
             ours = ops.clip_coef(torch.tensor(norm, device=device), max_norm)
             theirs = reference.clip_coef(torch.tensor(norm, device=device), max_norm, 1e-6)
-            err = _rel_error(ours, theirs)
+            err = relative_error(ours, theirs)
             _expect(err <= 1e-7, f"norm {norm}, max_norm {max_norm}: {ours.item()!r} vs {theirs.item()!r}", err)
             worst = max(worst, err)
     return worst

@@ -11,6 +11,7 @@ import torch
 
 import fastamp
 from fastamp import ops
+from fastamp.testing import assert_bitwise_equal, chunk_size, same_bits, tolerance
 from fastamp.testing import reference as _reference
 
 pytestmark = [
@@ -18,16 +19,10 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
 ]
 
-CHUNK = 65536
+CHUNK = chunk_size()
+NORM_RTOL = tolerance("grad_norm", "cuda", torch.float32)
 SIZES = [0, 1, 7, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
-def bits(t):
-    return t.contiguous().view(INT_VIEW[t.dtype])
-
-
 def grads_of(sizes, dtype=torch.float32, scale=100.0):
     return [(torch.randn(n, device="cuda", dtype=torch.float32) * scale).to(dtype) for n in sizes]
 
@@ -38,11 +33,6 @@ def clones(ts):
 
 def cuda_flag(value=0.0):
     return torch.full((1,), value, device="cuda")
-
-
-def assert_bitwise(actual, expected):
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        assert torch.equal(bits(a), bits(e)), f"tensor {i} differs"
 
 
 def fp64_norm(ts, inv=1.0):
@@ -78,9 +68,9 @@ def test_mixed_dtypes_one_list_and_misaligned_views():
     inv = torch.tensor([0.25], device="cuda")
     n1, p1 = ops.unscale_check_norm_(ours, f1, inv, per_tensor=True)
     n2, p2 = _reference.unscale_check_norm_(ref, f2, inv, per_tensor=True)
-    assert_bitwise(ours, ref)
-    torch.testing.assert_close(n1.double(), n2.double(), rtol=2e-6, atol=0)
-    torch.testing.assert_close(p1.double(), p2.double(), rtol=2e-6, atol=0)
+    assert_bitwise_equal(ours, ref)
+    torch.testing.assert_close(n1.double(), n2.double(), rtol=NORM_RTOL, atol=0)
+    torch.testing.assert_close(p1.double(), p2.double(), rtol=NORM_RTOL, atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -89,9 +79,9 @@ def test_grad_norm_many_tensors_matches_foreach_norm(dtype, count):
     sizes = torch.randint(0, 4096, (count,)).tolist()
     grads = grads_of(sizes, dtype)
     total, per = ops.grad_norm(grads, torch.tensor([0.5], device="cuda"), per_tensor=True)
-    torch.testing.assert_close(total.double(), fp64_norm(grads, 0.5), rtol=5e-6, atol=0)
+    torch.testing.assert_close(total.double(), fp64_norm(grads, 0.5), rtol=NORM_RTOL, atol=0)
     expected = torch.stack([fp64_norm([g], 0.5) for g in grads])
-    torch.testing.assert_close(per.double(), expected, rtol=5e-6, atol=1e-30)
+    torch.testing.assert_close(per.double(), expected, rtol=NORM_RTOL, atol=1e-30)
     if dtype == torch.float32:
         torch.testing.assert_close(per * 2, torch.stack(torch._foreach_norm(grads)), rtol=1e-5, atol=0)
 
@@ -100,8 +90,8 @@ def test_grad_norm_across_many_launches():
     # More blocks and more tensors than one launch holds; tensors split between launches.
     grads = grads_of([30_000_000, 7] + [CHUNK + 1] * 800 + [90_000_000])
     total, per = ops.grad_norm(grads, per_tensor=True)
-    torch.testing.assert_close(total.double(), fp64_norm(grads), rtol=5e-6, atol=0)
-    torch.testing.assert_close(per.double(), torch.stack([fp64_norm([g]) for g in grads]), rtol=5e-6, atol=0)
+    torch.testing.assert_close(total.double(), fp64_norm(grads), rtol=NORM_RTOL, atol=0)
+    torch.testing.assert_close(per.double(), torch.stack([fp64_norm([g]) for g in grads]), rtol=NORM_RTOL, atol=0)
 
 
 def test_grad_norm_is_bit_identical_across_runs():
@@ -109,7 +99,7 @@ def test_grad_norm_is_bit_identical_across_runs():
     first = ops.grad_norm(grads, per_tensor=True)
     for _ in range(5):
         again = ops.grad_norm(grads, per_tensor=True)
-        assert torch.equal(bits(again[0]), bits(first[0])) and torch.equal(bits(again[1]), bits(first[1]))
+        assert same_bits(again[0], first[0]) and same_bits(again[1], first[1])
 
 
 def test_no_host_sync_on_the_hot_path():
@@ -160,7 +150,7 @@ def test_cuda_graph_capture():
         s.copy_(g)
     graph.replay()
     torch.cuda.synchronize()
-    torch.testing.assert_close(total.double(), fp64_norm(grads, 1 / 256), rtol=5e-6, atol=0)
+    torch.testing.assert_close(total.double(), fp64_norm(grads, 1 / 256), rtol=NORM_RTOL, atol=0)
     for s, g in zip(static, grads):
         torch.testing.assert_close(s, g / 256, rtol=1e-6, atol=0)
 
@@ -182,7 +172,7 @@ def test_compile_fullgraph_on_cuda():
         grads = grads_of([5000, 3])
         expected = fp64_norm(grads, 1 / value)
         total = step(grads, torch.full((1,), value, device="cuda"), torch.zeros(1, dtype=torch.int32, device="cuda"), cuda_flag())
-        torch.testing.assert_close(total.double(), expected, rtol=5e-6, atol=0)
+        torch.testing.assert_close(total.double(), expected, rtol=NORM_RTOL, atol=0)
     assert counter.frame_count == 1
 
 
@@ -191,7 +181,7 @@ def test_fp64_is_refused_on_cuda_naming_the_tensor():
     before = clones(grads[:1])
     with pytest.raises(RuntimeError, match=r"grads\[1\] has dtype torch.float64.*supported on CPU only"):
         ops.unscale_check_(grads, cuda_flag(), torch.tensor([0.5], device="cuda"))
-    assert_bitwise(grads[:1], before)
+    assert_bitwise_equal(grads[:1], before)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .helpers import (
+from fastamp.testing import (
     flags,
     fresh_state,
 )

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from ..conftest import IMPLEMENTATIONS
-from .helpers import (
+from fastamp.testing import (
+    IMPLEMENTATIONS,
     bits,
     norm_rtol,
 )

@@ -8,19 +8,21 @@ import pytest
 import torch
 
 from fastamp import ops
-
-from .helpers import (
+from fastamp.testing import (
     GRAD_DTYPES,
-    SIZES,
     assert_bitwise_equal,
     bits,
+    chunk_size,
     clone_all,
     flags,
     make_grads,
     norm_by_torch,
     norm_rtol,
+    sizes_around_chunks,
     skip_unless_supported,
 )
+
+SIZES = sizes_around_chunks()
 
 
 @pytest.mark.parametrize("dtype", GRAD_DTYPES)
@@ -84,7 +86,7 @@ def test_grad_norm_is_deterministic_across_runs_and_thread_counts():
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("position", [0, -1])
 def test_grad_norm_sets_found_inf(impl, value, position, device):
-    grads = make_grads([65536, 65537], device=device)
+    grads = make_grads([chunk_size(), chunk_size() + 1], device=device)
     grads[position][position] = value
     found, _ = flags(device)
     total, _ = impl.grad_norm(grads, torch.tensor([1.0], device=device), found)

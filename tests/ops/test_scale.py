@@ -7,16 +7,18 @@ import math
 import pytest
 import torch
 
-from .helpers import (
+from fastamp.testing import (
     GRAD_DTYPES,
-    SIZES,
     assert_bitwise_equal,
     clone_all,
     make_grads,
     opmath,
+    sizes_around_chunks,
     skip_unless_supported,
     unscaled_by_hand,
 )
+
+SIZES = sizes_around_chunks()
 
 
 @pytest.mark.parametrize("dtype", GRAD_DTYPES)

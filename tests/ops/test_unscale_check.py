@@ -7,18 +7,21 @@ import math
 import pytest
 import torch
 
-from ..conftest import IMPLEMENTATIONS
-from .helpers import (
+from fastamp.testing import (
     GRAD_DTYPES,
-    SIZES,
+    IMPLEMENTATIONS,
     assert_bitwise_equal,
+    chunk_size,
     clone_all,
     flags,
     make_grads,
+    sizes_around_chunks,
     skip_unless_supported,
     supported,
     unscaled_by_hand,
 )
+
+SIZES = sizes_around_chunks()
 
 
 @pytest.mark.parametrize("inv", [1 / 1024, 1.0, 3.0 / 7.0, 65536.0])
@@ -48,7 +51,7 @@ def test_unscale_check_rounds_once_in_fp32(impl, dtype, device):
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("where", ["first-of-first", "last-of-first", "first-of-last", "last-of-last"])
 def test_unscale_check_flags_nonfinite_anywhere(impl, value, where, device):
-    grads = make_grads([65537, 3, 65536], device=device)
+    grads = make_grads([chunk_size() + 1, 3, chunk_size()], device=device)
     tensor = grads[0] if where.endswith("first") else grads[-1]
     tensor[0 if where.startswith("first") else -1] = value
     ours, theirs = clone_all(grads), clone_all(grads)

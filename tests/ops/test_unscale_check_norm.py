@@ -7,18 +7,20 @@ import math
 import pytest
 import torch
 
-from .helpers import (
+from fastamp.testing import (
     GRAD_DTYPES,
-    SIZES,
     assert_bitwise_equal,
     clone_all,
     flags,
     make_grads,
     norm_by_torch,
     norm_rtol,
+    sizes_around_chunks,
     skip_unless_supported,
     unscaled_by_hand,
 )
+
+SIZES = sizes_around_chunks()
 
 
 @pytest.mark.parametrize("dtype", GRAD_DTYPES)

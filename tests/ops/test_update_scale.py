@@ -8,9 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastamp import ops
-
-from ..conftest import IMPLEMENTATIONS
-from .helpers import (
+from fastamp.testing import (
+    IMPLEMENTATIONS,
     bits,
     fresh_state,
 )
