@@ -1,6 +1,7 @@
 # Each target does all the set-up it needs, from a fresh clone on a fresh machine:
 #   make demo   builds fastamp in .venv and runs the main job
 #   make test   builds fastamp in .venv and runs the whole test suite (slow cases included)
+#   make docs   builds the documentation site (docs/_build/html), warnings as errors
 #   make gpu-check OUT=dir   on a GPU machine, with the torch already there: build, check, test, sanitize, bench
 # Re-running is quick: nothing is reinstalled or rebuilt unless its inputs changed.
 #
@@ -23,7 +24,7 @@ OUT ?= gpu-check-results
 
 CXX_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \))
 
-.PHONY: demo test test-fast bench info gpu-check lint clean
+.PHONY: demo test test-fast bench info gpu-check lint docs clean
 
 demo: $(BUILD_STAMP)
 	$(VENV)/bin/fastamp info
@@ -48,6 +49,11 @@ lint: $(DEPS_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
 
+# The documentation site (Sphinx + MyST, API pages from the docstrings), warnings as errors.
+docs: $(BUILD_STAMP)
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
+
 bench: $(BUILD_STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only
 
@@ -57,7 +63,7 @@ $(PY):
 $(DEPS_STAMP): $(PY) Makefile
 	rm -f $(VENV)/.deps-* $(VENV)/.build-*
 	$(PIP) install -q "$(TORCH_SPEC)" pytest pytest-benchmark hypothesis ninja setuptools wheel matplotlib tqdm "lightning>=2.2" \
-		transformers==5.24.0 accelerate==1.15.0 ruff==0.17.6 clang-format==23.1.5
+		transformers==5.24.0 accelerate==1.15.0 ruff==0.17.6 clang-format==23.1.5 sphinx myst-parser furo
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)

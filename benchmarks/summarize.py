@@ -1,11 +1,12 @@
-"""Renders benchmark result files as Markdown; the README's performance section comes from here.
+"""Renders benchmark result files as Markdown; the docs' benchmarks page (docs/benchmarks.md) comes from here.
 
     python benchmarks/summarize.py benchmarks/results/*.json            # print tables
-    python benchmarks/summarize.py --readme README.md benchmarks/results/fastamp-bench-*.json \
-        benchmarks/results/guard-*.json benchmarks/results/hf-trainer-*.json          # update README
+    python benchmarks/summarize.py --readme docs/benchmarks.md benchmarks/results/fastamp-bench-*.json \
+        benchmarks/results/guard-*.json benchmarks/results/hf-trainer-*.json \
+        benchmarks/results/mesh-clip-*.json                                          # update the page
 
 Reads both formats: ``fastamp bench --json`` output ({"environment", "results"}) and pytest-benchmark
-JSON. In the README, the block between ``<!-- results:begin -->`` and ``<!-- results:end -->`` is
+JSON. In the page, the block between ``<!-- results:begin -->`` and ``<!-- results:end -->`` is
 replaced: for each fastamp-bench file, the full table of the GPT-2-small fp32 workload and a matrix of
 fastamp's speedup over stock for every workload and dtype. No number is copied by hand.
 """
