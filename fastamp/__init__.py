@@ -10,12 +10,13 @@ from . import _moved, ops
 from ._extension import KernelFallbackWarning, extension_status
 from .forensics import OverflowDiagnosis, TrainingStuckWarning, diagnose_overflow
 from .grad_scaler import GradScaler
+from .spike_guard import SpikeGuard
 from .trainer import FusedMixedPrecisionTrainer
 
 __version__ = "0.1.0"
 
 __all__ = ["FusedMixedPrecisionTrainer", "GradScaler", "KernelFallbackWarning", "OverflowDiagnosis",
-           "TrainingStuckWarning", "__version__", "build_info", "diagnose_overflow", "has_cuda_kernels", "ops"]
+           "SpikeGuard", "TrainingStuckWarning", "__version__", "build_info", "diagnose_overflow", "has_cuda_kernels", "ops"]
 
 _moved.install()
 

@@ -52,6 +52,7 @@ __all__ = [
     "scale_grads_",
     "split_for_kernels",
     "unscale_check_grads_",
+    "unscale_check_norm_grads_",
 ]
 
 GradSource = Union[torch.optim.Optimizer, Tensor]
@@ -171,6 +172,9 @@ class LocalGrads:
     duplicates: Dict[torch.device, List[Tensor]] = field(default_factory=dict)
     group: Optional[Any] = None
     crosses_ranks: bool = False
+    # The parameters whose gradients these are, list for list (for per-parameter norms).
+    counted_params: Dict[torch.device, List[Tensor]] = field(default_factory=dict)
+    duplicate_params: Dict[torch.device, List[Tensor]] = field(default_factory=dict)
 
     @property
     def by_device(self) -> Dict[torch.device, List[Tensor]]:
@@ -186,7 +190,9 @@ class LocalGrads:
             raise LayoutError("fastamp: optimizers clipped together reduce over different process groups; "
                               "clip them separately or give them one process_group")
         return LocalGrads(merge_by_device([p.counted for p in parts]), merge_by_device([p.duplicates for p in parts]),
-                          next(iter(groups.values()), None), bool(crossing))
+                          next(iter(groups.values()), None), bool(crossing),
+                          merge_by_device([p.counted_params for p in parts]),
+                          merge_by_device([p.duplicate_params for p in parts]))
 
 
 def _ranks_of(group: Any) -> FrozenSet[int]:
@@ -315,7 +321,13 @@ def local_grads(
     if crosses and not distributed:
         raise LayoutError("fastamp: these gradients are held across ranks, but torch.distributed is not initialized")
     if not crosses:
-        result.counted = grads_by_device([param for _, param in named])
+        counted_here: Dict[torch.device, List[Tensor]] = defaultdict(list)
+        params_here: Dict[torch.device, List[Tensor]] = defaultdict(list)
+        for _, param in named:
+            local = _local_view(param)
+            counted_here[local.device].append(local)
+            params_here[local.device].append(param)
+        result.counted, result.counted_params = dict(counted_here), dict(params_here)
         return result
     group = process_group if process_group is not None else dist.group.WORLD
     result.group = group
@@ -345,6 +357,8 @@ def local_grads(
 
     counted: Dict[torch.device, List[Tensor]] = defaultdict(list)
     duplicates: Dict[torch.device, List[Tensor]] = defaultdict(list)
+    counted_params: Dict[torch.device, List[Tensor]] = defaultdict(list)
+    duplicate_params: Dict[torch.device, List[Tensor]] = defaultdict(list)
     for label, param in named:
         grad = param.grad
         local = _local_view(param)
@@ -357,20 +371,30 @@ def local_grads(
                                   f"process group ({sorted(group_ranks)})")
             here = copies is None or me == min(copies)
         (counted if here else duplicates)[local.device].append(local)
+        (counted_params if here else duplicate_params)[local.device].append(param)
     result.counted, result.duplicates = dict(counted), dict(duplicates)
+    result.counted_params, result.duplicate_params = dict(counted_params), dict(duplicate_params)
     return result
 
 
-def reduce_across_ranks(local_norm: Tensor, found_inf: Tensor, group: Optional[Any] = None) -> Tuple[Tensor, Tensor]:
+def reduce_across_ranks(local_norm: Tensor, found_inf: Tensor, group: Optional[Any] = None,
+                        extra: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
     """The global L2 norm and found_inf from each rank's counted norm and local flag, in ONE all-reduce.
 
-    Packs ``[local_norm**2, found_inf]`` in fp64 and sums them over ``group`` (default: the world); every
-    rank gets the same sum bit for bit, so every rank takes the same decision. Returns ``(sqrt(sum) as
-    fp32, 1.0 if any rank found inf/nan else 0.0)`` on ``local_norm``'s device, without a host sync.
+    Packs ``[local_norm**2, found_inf, *extra]`` in fp64 and sums them over ``group`` (default: the
+    world); every rank gets the same sum bit for bit, so every rank takes the same decision. Returns
+    ``(sqrt(sum) as fp32, 1.0 if any rank found inf/nan else 0.0)`` on ``local_norm``'s device, without a
+    host sync; with ``extra`` (values that ride along, e.g. a loss to average), also their sums (fp64).
     """
-    packed = torch.stack([local_norm.double().reshape(()).square(), found_inf.double().reshape(()).to(local_norm.device)])
+    parts = [local_norm.double().reshape(1).square(), found_inf.double().reshape(1).to(local_norm.device)]
+    if extra is not None:
+        parts.append(extra.double().reshape(-1).to(local_norm.device))
+    packed = torch.cat(parts)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    return packed[0].sqrt().float(), (packed[1] > 0).float().to(found_inf.device)
+    norm, found = packed[0].sqrt().float(), (packed[1] > 0).float().to(found_inf.device)
+    if extra is None:
+        return norm, found
+    return norm, found, packed[2:].reshape(extra.shape)
 
 
 def reduce_found_inf_across_ranks(found_inf: Tensor, group: Optional[Any] = None) -> Tensor:
@@ -393,20 +417,46 @@ def unscale_check_grads_(grads: List[Tensor], found_inf: Tensor, inv_scale: Tens
         torch._amp_foreach_non_finite_check_and_unscale_(same_dtype, found_inf, inv_scale)
 
 
-def norm_and_check(grads: List[Tensor], inv_scale: Optional[Tensor], found_inf: Tensor) -> Tensor:
-    """fp32 L2 norm of ``g * inv_scale`` over grads on one device (one read pass), setting found_inf."""
+def unscale_check_norm_grads_(grads: List[Tensor], found_inf: Tensor, inv_scale: Tensor) -> Tensor:
+    """:func:`unscale_check_grads_` that also returns the fp32 norm of the unscaled grads, from the same
+    pass (what a spike guard watches when no clip computes the norm)."""
     fused, other = split_for_kernels(grads)
-    total, _ = ops.grad_norm(fused, inv_scale, found_inf) if fused else (found_inf.new_zeros(()), None)
-    total = total.float()
+    total = ops.unscale_check_norm_(fused, found_inf, inv_scale)[0].float() if fused else found_inf.new_zeros(())
     if other:
-        norms = torch._foreach_norm(other)
-        squares = torch.stack([n.double() for n in norms]).square().sum()
-        if inv_scale is not None:
-            squares = squares * inv_scale.double().reshape(()).square()
-        flag = torch.stack([(~torch.isfinite(g)).any() for g in other]).any()
-        found_inf.copy_(torch.where(flag, torch.ones_like(found_inf), found_inf))
+        unscale_check_grads_(other, found_inf, inv_scale)
+        squares = torch.stack([n.double() for n in torch._foreach_norm(other)]).square().sum()
         total = (total.double().square() + squares).sqrt().float()
     return total
+
+
+def norm_and_check(grads: List[Tensor], inv_scale: Optional[Tensor], found_inf: Tensor,
+                   per_tensor: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """fp32 L2 norm of ``g * inv_scale`` over grads on one device (one read pass), setting found_inf;
+    with ``per_tensor``, also each gradient's norm (fp32, in ``grads``' order) from the same pass."""
+    fused, other = split_for_kernels(grads)
+    if fused:
+        total, fused_per = ops.grad_norm(fused, inv_scale, found_inf, per_tensor=per_tensor)
+    else:
+        total, fused_per = found_inf.new_zeros(()), found_inf.new_zeros((0,))
+    total = total.float()
+    other_norms: Optional[Tensor] = None
+    if other:
+        other_norms = torch.stack([n.double() for n in torch._foreach_norm(other)])
+        if inv_scale is not None:
+            other_norms = other_norms * inv_scale.double().reshape(())
+        flag = torch.stack([(~torch.isfinite(g)).any() for g in other]).any()
+        found_inf.copy_(torch.where(flag, torch.ones_like(found_inf), found_inf))
+        total = (total.double().square() + other_norms.square().sum()).sqrt().float()
+    if not per_tensor:
+        return total
+    if other_norms is None:
+        return total, fused_per.float()
+    # Back into the grads' order: the kernels took the fused ones, PyTorch the others.
+    order = [i for i, g in enumerate(grads) if kernel_handles(g)] + [i for i, g in enumerate(grads) if not kernel_handles(g)]
+    per = torch.cat([fused_per.float().reshape(-1), other_norms.float()])
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return total, per[inverse.to(per.device)]
 
 
 def scale_grads_(grads: List[Tensor], factor: Tensor, found_inf: Optional[Tensor]) -> None:
@@ -436,6 +486,10 @@ class ClipResult:
     found_inf_per_device: Dict[torch.device, Tensor]
     coef: Optional[Tensor]
     factor: Optional[Tensor]
+    # With per_param_norms: (parameters, their unscaled pre-clip norms on one device), per device.
+    per_param: Optional[List[Tuple[List[Tensor], Tensor]]] = None
+    # What rode along in the cross-rank reduction (summed over the ranks), else as given.
+    extra: Optional[Tensor] = None
 
     def apply_(self, grads: Union[LocalGrads, Dict[torch.device, List[Tensor]]], skip_on_found_inf: bool = True) -> None:
         """Write the factor into the grads (not on an overflow, unless ``skip_on_found_inf=False``)."""
@@ -460,6 +514,8 @@ def clip_gradients(
     inv_scale: Optional[Tensor] = None,
     home: Optional[torch.device] = None,
     error_if_nonfinite: bool = False,
+    per_param_norms: bool = False,
+    extra: Optional[Tensor] = None,
 ) -> ClipResult:
     """The one clip routine: norm + found_inf of ``g * inv_scale`` in one read per device, summed
     across devices and, for gradients held across ranks (:func:`local_grads`), across ranks in one
@@ -468,6 +524,8 @@ def clip_gradients(
 
     ``home`` is where the total norm and the global flag live (default: the first grads' device, else
     the CPU). ``error_if_nonfinite=True`` raises as ``torch.nn.utils.clip_grad_norm_`` does (a host sync).
+    ``per_param_norms``: also each parameter's unscaled norm, from the same pass (this rank's piece of
+    it for a sharded parameter). ``extra``: values summed over the ranks in the same all-reduce (a loss).
     """
     if not isinstance(grads, LocalGrads):
         grads = LocalGrads(counted=grads)
@@ -477,14 +535,24 @@ def clip_gradients(
     inv_scales = PerDevice(inv_scale) if inv_scale is not None else None
     flags: Dict[torch.device, Tensor] = {}
     norms: List[Tensor] = []
+    per_param: Optional[List[Tuple[List[Tensor], Tensor]]] = [] if per_param_norms else None
     with torch.no_grad():
         for device in devices:
             flags[device] = torch.zeros((), dtype=torch.float32, device=device)
             device_inv_scale = inv_scales.get(device) if inv_scales else None
             if grads.counted.get(device):
-                norms.append(norm_and_check(grads.counted[device], device_inv_scale, flags[device]))
+                if per_param is None:
+                    norms.append(norm_and_check(grads.counted[device], device_inv_scale, flags[device]))
+                else:
+                    total, per = norm_and_check(grads.counted[device], device_inv_scale, flags[device], per_tensor=True)
+                    norms.append(total)
+                    per_param.append((grads.counted_params.get(device, []), per))
             if grads.duplicates.get(device):  # replicas: read for inf/nan, counted on another rank
-                norm_and_check(grads.duplicates[device], None, flags[device])
+                if per_param is None:
+                    norm_and_check(grads.duplicates[device], None, flags[device])
+                else:
+                    _, per = norm_and_check(grads.duplicates[device], device_inv_scale, flags[device], per_tensor=True)
+                    per_param.append((grads.duplicate_params.get(device, []), per))
         if not norms:
             total_norm = torch.zeros((), dtype=torch.float32, device=home)
         elif len(norms) == 1:
@@ -497,7 +565,9 @@ def clip_gradients(
             found_inf = next(iter(flags.values())).to(home, non_blocking=True)
         else:
             found_inf = torch.stack([f.to(home, non_blocking=True) for f in flags.values()]).amax()
-        if grads.crosses_ranks:
+        if grads.crosses_ranks and extra is not None:
+            total_norm, found_inf, extra = reduce_across_ranks(total_norm, found_inf, grads.group, extra)
+        elif grads.crosses_ranks:
             total_norm, found_inf = reduce_across_ranks(total_norm, found_inf, grads.group)
         if error_if_nonfinite and bool(torch.logical_or(total_norm.isnan(), total_norm.isinf())):
             raise RuntimeError(
@@ -511,4 +581,4 @@ def clip_gradients(
         else:
             factor = coef if inv_scale is None else inv_scale * coef
     per_device = {d: (found_inf if d == found_inf.device else found_inf.to(d, non_blocking=True)) for d in flags}
-    return ClipResult(total_norm, found_inf, per_device, coef, factor)
+    return ClipResult(total_norm, found_inf, per_device, coef, factor, per_param, extra)

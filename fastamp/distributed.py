@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ._gradients import LayoutError, LocalGrads, ReplicatedOver, clip_gradients, local_grads, reduce_across_ranks
 from .grad_scaler import GradScaler
+from .spike_guard import SpikeGuard
 
 __all__ = ["LayoutError", "ShardedGradScaler", "clip_grad_norm_", "reduce_across_ranks"]
 
@@ -106,10 +107,11 @@ class ShardedGradScaler(GradScaler):
         hysteresis: int = 1,
         min_scale: float = 0.0,
         max_scale: float = math.inf,
+        spike_guard: Optional[SpikeGuard] = None,
     ) -> None:
         super().__init__(device, init_scale=init_scale, growth_factor=growth_factor, backoff_factor=backoff_factor,
                          growth_interval=growth_interval, enabled=enabled, hysteresis=hysteresis,
-                         min_scale=min_scale, max_scale=max_scale)
+                         min_scale=min_scale, max_scale=max_scale, spike_guard=spike_guard)
         self.process_group = process_group if process_group is not None else dist.group.WORLD
         self.replicated_over = replicated_over
 
@@ -117,10 +119,11 @@ class ShardedGradScaler(GradScaler):
         return local_grads(optimizer, process_group=self.process_group, replicated_over=self.replicated_over,
                            plain_grads_are_shards=True)
 
-    def clip_grad_norm_(self, optimizer, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
+    def clip_grad_norm_(self, optimizer, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False, *,
+                        per_param_norms: bool = False) -> Tensor:
         """As :meth:`fastamp.GradScaler.clip_grad_norm_`, with the global norm over all ranks' gradients
         and one all-reduce. Only the L2 norm is supported for gradients held across ranks."""
         if float(norm_type) != 2.0:
             raise ValueError(f"fastamp.distributed.ShardedGradScaler.clip_grad_norm_: only norm_type=2 is supported "
                              f"for sharded gradients, got {norm_type}")
-        return super().clip_grad_norm_(optimizer, max_norm, norm_type, error_if_nonfinite)
+        return super().clip_grad_norm_(optimizer, max_norm, norm_type, error_if_nonfinite, per_param_norms=per_param_norms)

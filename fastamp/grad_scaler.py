@@ -28,6 +28,7 @@ from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state
 
@@ -38,9 +39,12 @@ from ._gradients import (
     clip_gradients,
     local_grads,
     norm_and_check,
+    reduce_across_ranks,
     reduce_found_inf_across_ranks,
     unscale_check_grads_,
+    unscale_check_norm_grads_,
 )
+from .spike_guard import SpikeGuard
 
 __all__ = ["GradScaler"]
 
@@ -63,6 +67,8 @@ class GradScaler(torch.amp.GradScaler):
             A step with an overflow is skipped either way.
         min_scale: the scale never backs off below this (default 0: PyTorch's behaviour).
         max_scale: the scale never grows above this (default inf; growth to inf never happens).
+        spike_guard: a :class:`fastamp.SpikeGuard`: also skip, on the device, steps whose unscaled global
+            gradient norm (or loss) spikes; the scale does not back off for them. Off by default.
     """
 
     def __init__(
@@ -77,6 +83,7 @@ class GradScaler(torch.amp.GradScaler):
         hysteresis: int = 1,
         min_scale: float = 0.0,
         max_scale: float = math.inf,
+        spike_guard: Optional[SpikeGuard] = None,
     ) -> None:
         super().__init__(device, init_scale, growth_factor, backoff_factor, growth_interval, enabled)
         if isinstance(hysteresis, bool) or not isinstance(hysteresis, int) or hysteresis < 1:
@@ -98,21 +105,82 @@ class GradScaler(torch.amp.GradScaler):
         self._skipped_steps: Optional[Tensor] = None
         self._last_found_inf: Optional[Tensor] = None
         self._last_skipped_on_host: Optional[bool] = None
+        # The spike guard, its device counters, and what this iteration observed (reset by update()).
+        if spike_guard is not None and not isinstance(spike_guard, SpikeGuard):
+            raise TypeError(f"fastamp.GradScaler: spike_guard must be a fastamp.SpikeGuard, got {type(spike_guard).__name__}")
+        self.spike_guard = spike_guard
+        self._init_counts = {"overflows": 0, "spikes": 0}
+        self._counts: Dict[str, Tensor] = {}
+        self._reset_iteration()
+
+    def _reset_iteration(self) -> None:
+        self._observed_sq: Optional[Tensor] = None  # squared unscaled global norm (sum over optimizers)
+        self._local_loss: Optional[Tensor] = None  # sum of the losses given to scale()
+        self._global_loss: Optional[Tensor] = None  # the same, averaged over the ranks when reduced
+        self._spike: Optional[Tensor] = None
+        self._param_norms: Optional[List[Tuple[List[Tensor], Tensor]]] = None
 
     # ---- lazily created device state ---------------------------------------------------------------
 
     @classmethod
-    def nonfinite_guard(cls, device: str = "cuda", *, enabled: bool = True) -> "GradScaler":
+    def nonfinite_guard(cls, device: str = "cuda", *, enabled: bool = True,
+                        spike_guard: Optional[SpikeGuard] = None) -> "GradScaler":
         """The non-finite guard for bf16 and fp32 training: a scaler pinned at scale 1 (nothing is scaled,
         the scale never moves), so that a step whose gradients hold inf/nan is skipped on the device, from
         the norm pass the clip makes anyway, with parameters and optimizer state left bit-identical. The
         one definition the trainer, the Lightning plugin and ``apply_fastamp`` use."""
-        return cls(device, init_scale=1.0, growth_interval=2**30, enabled=enabled, min_scale=1.0, max_scale=1.0)
+        return cls(device, init_scale=1.0, growth_interval=2**30, enabled=enabled, min_scale=1.0, max_scale=1.0,
+                   spike_guard=spike_guard)
 
     def _lazy_init_scale_growth_tracker(self, dev: torch.device) -> None:
         super()._lazy_init_scale_growth_tracker(dev)
         self._hysteresis_tracker = torch.full((), self._init_hysteresis_tracker, dtype=torch.int32, device=dev)
         self._skipped_steps = torch.full((), self._init_skipped_steps, dtype=torch.int64, device=dev)
+        self._counts = {k: torch.full((), v, dtype=torch.int64, device=dev) for k, v in self._init_counts.items()}
+
+    # ---- the spike guard ---------------------------------------------------------------------------
+
+    def scale(self, outputs: Any) -> Any:
+        """As ``torch.amp.GradScaler.scale``; a spike guard watching the loss also notes it here."""
+        if self._enabled and self.spike_guard is not None and self.spike_guard.watches_loss and isinstance(outputs, Tensor):
+            loss = outputs.detach().float().sum()
+            self._local_loss = loss if self._local_loss is None else self._local_loss + loss
+        return super().scale(outputs)
+
+    def _observe(self, total_norm: Optional[Tensor], reduced_loss: Optional[Tensor] = None,
+                 group_size: int = 1) -> None:
+        """What the spike guard watches, from a pass made anyway (the clip's norm, the unscale's)."""
+        if self.spike_guard is None:
+            return
+        if total_norm is not None:
+            sq = total_norm.double().reshape(()).square()
+            self._observed_sq = sq if self._observed_sq is None else self._observed_sq + sq.to(self._observed_sq.device)
+        if reduced_loss is not None:
+            self._global_loss = reduced_loss.reshape(()) / group_size
+
+    def _loss_to_reduce(self, grads: LocalGrads) -> Optional[Tensor]:
+        """The loss rides along in the collective the gradients need anyway."""
+        if self.spike_guard is None or not self.spike_guard.watches_loss or not grads.crosses_ranks:
+            return None
+        assert self._scale is not None
+        return self._local_loss if self._local_loss is not None else torch.zeros((), device=self._scale.device)
+
+    def _spike_flag(self) -> Optional[Tensor]:
+        """This iteration's spike decision (0/1 on the device), made once, when first needed."""
+        if self.spike_guard is None:
+            return None
+        if self._spike is None:
+            norm = self._observed_sq.sqrt() if self._observed_sq is not None else None
+            loss = self._global_loss if self._global_loss is not None else self._local_loss
+            self._spike = self.spike_guard.is_spike(norm, loss)
+        return self._spike
+
+    def _skip_flag(self, found_inf: Optional[Tensor]) -> Optional[Tensor]:
+        """Whether to skip: an overflow or a spike."""
+        spike = self._spike_flag()
+        if spike is None or found_inf is None:
+            return found_inf
+        return torch.maximum(found_inf.reshape(()), spike.to(found_inf.device).reshape(())).reshape(found_inf.shape)
 
     def _inv_scale(self) -> Tensor:
         # The reciprocal in fp64, as PyTorch takes it, so that unscaled fp32 grads match it bit for bit.
@@ -134,11 +202,20 @@ class GradScaler(torch.amp.GradScaler):
         per_device_inv_scale = PerDevice(inv_scale)
         per_device_found_inf = PerDevice(found_inf)
         flags: Dict[torch.device, Tensor] = {}
+        watch_norm = self.spike_guard is not None and self.spike_guard.watches_grad_norm
+        norms: List[Tensor] = []
         with torch.no_grad():
-            for device, device_grads in grads.by_device.items():
+            for device in grads.by_device:
                 flags[device] = per_device_found_inf.get(device)
-                unscale_check_grads_(device_grads, flags[device], per_device_inv_scale.get(device))
-        return self._global_found_inf(grads, flags)
+                device_inv_scale = per_device_inv_scale.get(device)
+                if watch_norm:  # the norm from the same pass: counted grads, then the replicas
+                    if grads.counted.get(device):
+                        norms.append(unscale_check_norm_grads_(grads.counted[device], flags[device], device_inv_scale))
+                    if grads.duplicates.get(device):
+                        unscale_check_grads_(grads.duplicates[device], flags[device], device_inv_scale)
+                else:
+                    unscale_check_grads_(grads.by_device[device], flags[device], device_inv_scale)
+        return self._global_found_inf(grads, flags, norms if watch_norm else None)
 
     def _check_inf_per_device(self, optimizer: torch.optim.Optimizer) -> Dict[torch.device, Tensor]:
         # Read-only check for optimizers that unscale inside their own step (fused ones).
@@ -146,27 +223,53 @@ class GradScaler(torch.amp.GradScaler):
         grads = self.local_grads(optimizer)
         per_device_found_inf = PerDevice(self._new_found_inf())
         flags: Dict[torch.device, Tensor] = {}
+        watch_norm = self.spike_guard is not None and self.spike_guard.watches_grad_norm
+        norms: List[Tensor] = []
+        inv_scale = self._inv_scale()
         with torch.no_grad():
-            for device, device_grads in grads.by_device.items():
+            for device in grads.by_device:
                 flags[device] = per_device_found_inf.get(device)
-                norm_and_check(device_grads, None, flags[device])
-        flags = self._global_found_inf(grads, flags)
+                if grads.counted.get(device):
+                    norm = norm_and_check(grads.counted[device], inv_scale.to(device) if watch_norm else None, flags[device])
+                    norms.append(norm)
+                if grads.duplicates.get(device):
+                    norm_and_check(grads.duplicates[device], None, flags[device])
+        flags = self._global_found_inf(grads, flags, norms if watch_norm else None)
         self._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = flags
         return flags
 
-    def _global_found_inf(self, grads: LocalGrads, flags: Dict[torch.device, Tensor]) -> Dict[torch.device, Tensor]:
+    def _global_found_inf(self, grads: LocalGrads, flags: Dict[torch.device, Tensor],
+                          norms: Optional[List[Tensor]] = None) -> Dict[torch.device, Tensor]:
         """The per-device flags as they are in one process; for gradients held across ranks, one flag
         all-reduced over their group (one collective), so that every rank skips when any overflowed. A
-        rank without gradients still takes part, with a zero flag."""
-        if not grads.crosses_ranks:
-            return flags
+        rank without gradients still takes part, with a zero flag. ``norms`` (a spike guard's): the
+        counted norms of this pass, made global in the same collective and handed to the guard."""
         assert self._scale is not None
         home = self._scale.device
-        if flags:
-            local = torch.stack([f.to(home, non_blocking=True).reshape(()) for f in flags.values()]).amax()
+        extra = self._loss_to_reduce(grads)
+        if norms is None and extra is None:
+            if not grads.crosses_ranks:
+                return flags
+            if flags:
+                local = torch.stack([f.to(home, non_blocking=True).reshape(()) for f in flags.values()]).amax()
+            else:
+                local = torch.zeros((), dtype=torch.float32, device=home)
+            found = reduce_found_inf_across_ranks(local, grads.group)
         else:
-            local = torch.zeros((), dtype=torch.float32, device=home)
-        found = reduce_found_inf_across_ranks(local, grads.group)
+            local_norm = (torch.stack([n.to(home).double().square() for n in norms]).sum().sqrt() if norms
+                          else torch.zeros((), dtype=torch.float64, device=home))
+            local = (torch.stack([f.to(home).reshape(()) for f in flags.values()]).amax() if flags
+                     else torch.zeros((), dtype=torch.float32, device=home))
+            if grads.crosses_ranks:
+                reduced = reduce_across_ranks(local_norm, local, grads.group, extra)
+                total, found = reduced[0], reduced[1]
+                group_size = dist.get_world_size(grads.group) if extra is not None else 1
+                self._observe(total if norms is not None else None, reduced[2] if extra is not None else None, group_size)
+            else:
+                found = local
+                self._observe(local_norm if norms is not None else None)
+            if not grads.crosses_ranks:
+                return flags
         if not flags:
             return {home: found}
         return {d: (found if d == home else found.to(d, non_blocking=True)) for d in flags}
@@ -212,7 +315,7 @@ class GradScaler(torch.amp.GradScaler):
         if "found_inf_host" not in state:
             pending = [s for s in self._per_optimizer_states.values()
                        if s["found_inf_per_device"] and "found_inf_host" not in s]
-            flags = [self._combined_found_inf([s]) for s in pending]
+            flags = [self._skip_flag(self._combined_found_inf([s])) for s in pending]
             for s, value in zip(pending, torch.stack(flags).tolist()):
                 s["found_inf_host"] = bool(value)
         return state["found_inf_host"]
@@ -270,6 +373,7 @@ class GradScaler(torch.amp.GradScaler):
             found_inf = self._combined_found_inf([optimizer_state])
             if found_inf is None:
                 found_inf = self._new_found_inf()
+            found_inf = self._skip_flag(found_inf)  # a spike skips as an overflow does
             if optimizer_state["stage"] is OptState.UNSCALED:
                 folded = optimizer_state.get("grad_scale")
                 optimizer.grad_scale = folded if folded is not None else getattr(optimizer, "grad_scale", None)
@@ -315,6 +419,7 @@ class GradScaler(torch.amp.GradScaler):
             return
         scale, growth_tracker = self._check_scale_growth_tracker("update")
         found_inf = self._combined_found_inf(self._per_optimizer_states.values())
+        skipped = self._skip_flag(found_inf)
         states = [st for st in self._per_optimizer_states.values() if st["found_inf_per_device"]]
         if new_scale is not None:
             # PyTorch's own branch (its checks, its errors): a user-set scale is torch's business.
@@ -338,11 +443,22 @@ class GradScaler(torch.amp.GradScaler):
             any(st["found_inf_host"] for st in states) if states and all("found_inf_host" in st for st in states) else None
         )
         if found_inf is not None:
-            assert self._skipped_steps is not None
+            assert self._skipped_steps is not None and skipped is not None
+            overflow = (found_inf.reshape(()) != 0).to(torch.int64)
+            skipped_now = (skipped.reshape(()) != 0).to(torch.int64)
             self._num_steps += 1
-            self._skipped_steps += (found_inf != 0).to(torch.int64)
-            self._last_found_inf = found_inf
+            self._skipped_steps += skipped_now
+            self._counts["overflows"] += overflow
+            self._counts["spikes"] += skipped_now - overflow.to(skipped_now.device)
+            self._last_found_inf = skipped
+            if self.spike_guard is not None:
+                norm = self._observed_sq.sqrt() if self._observed_sq is not None else None
+                loss = self._global_loss if self._global_loss is not None else self._local_loss
+                self.spike_guard.record(norm, loss, skipped_now == 0)
         self._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
+        param_norms = self._param_norms
+        self._reset_iteration()
+        self._param_norms = param_norms  # per-parameter norms stay readable until the next clip
 
     def state_dict(self) -> Dict[str, Any]:
         """PyTorch's five entries (``scale``, ``growth_factor``, ``backoff_factor``, ``growth_interval``,
@@ -362,6 +478,10 @@ class GradScaler(torch.amp.GradScaler):
                 "_skipped_steps": self._get_skipped_steps(),
             }
         )
+        _, overflows, spikes = self._read_counters()
+        state.update({"_overflow_steps": overflows, "_spike_steps": spikes})
+        if self.spike_guard is not None:
+            state["spike_guard"] = self.spike_guard.state_dict()
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -380,6 +500,14 @@ class GradScaler(torch.amp.GradScaler):
             self._hysteresis_tracker.fill_(self._init_hysteresis_tracker)
         if self._skipped_steps is not None:
             self._skipped_steps.fill_(self._init_skipped_steps)
+        self._init_counts = {"overflows": int(state_dict.get("_overflow_steps", 0)),
+                             "spikes": int(state_dict.get("_spike_steps", 0))}
+        for key, counter in self._counts.items():
+            counter.fill_(self._init_counts[key])
+        if "spike_guard" in state_dict:
+            if self.spike_guard is None:
+                self.spike_guard = SpikeGuard()
+            self.spike_guard.load_state_dict(state_dict["spike_guard"])
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
@@ -389,6 +517,11 @@ class GradScaler(torch.amp.GradScaler):
             state["_hysteresis_tracker"] = None
             state["_skipped_steps"] = None
             state["_last_found_inf"] = None
+            _, overflows, spikes = self._read_counters()
+            state["_init_counts"] = {"overflows": overflows, "spikes": spikes}
+            state["_counts"] = {}
+            for key in ("_observed_sq", "_local_loss", "_global_loss", "_spike", "_param_norms"):
+                state[key] = None
         return state
 
     def _get_hysteresis_tracker(self) -> int:
@@ -421,6 +554,8 @@ class GradScaler(torch.amp.GradScaler):
         max_norm: float,
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
+        *,
+        per_param_norms: bool = False,
     ) -> Tensor:
         """Unscale and clip the optimizer's gradients: ``unscale_`` + ``torch.nn.utils.clip_grad_norm_``
         fused.
@@ -435,6 +570,8 @@ class GradScaler(torch.amp.GradScaler):
         Counts as this iteration's ``unscale_`` for each optimizer. Works when the scaler is disabled
         too (plain fused clipping). A ``norm_type`` other than 2 falls back to ``unscale_`` and
         PyTorch's clip. ``error_if_nonfinite=True`` costs a host sync, as in PyTorch.
+        ``per_param_norms=True`` keeps each parameter's unscaled pre-clip norm on the device, from the same
+        pass (:meth:`grad_norms` reads them). A spike guard decides on the norm computed here.
 
         Returns:
             The total norm of the unscaled gradients (before clipping), a 0-dim fp32 tensor on the
@@ -465,7 +602,14 @@ class GradScaler(torch.amp.GradScaler):
         grads = LocalGrads.merge(per_optimizer)
         inv_scale = self._inv_scale() if self._enabled else None
         home = self._scale.device if self._enabled and self._scale is not None else None
-        result = clip_gradients(grads, max_norm, inv_scale=inv_scale, home=home, error_if_nonfinite=error_if_nonfinite)
+        extra = self._loss_to_reduce(grads) if self._enabled else None
+        result = clip_gradients(grads, max_norm, inv_scale=inv_scale, home=home, error_if_nonfinite=error_if_nonfinite,
+                                per_param_norms=per_param_norms, extra=extra)
+        if self._enabled:
+            group_size = dist.get_world_size(grads.group) if extra is not None else 1
+            self._observe(result.total_norm, result.extra if extra is not None else None, group_size)
+        if per_param_norms:
+            self._param_norms = result.per_param
         with torch.no_grad():
             for opt, opt_devices in zip(optimizers, per_optimizer):
                 if self._enabled and getattr(opt, "_step_supports_amp_scaling", False):
@@ -507,7 +651,7 @@ class GradScaler(torch.amp.GradScaler):
         if not self._enabled:
             return None
         current = self._combined_found_inf(self._per_optimizer_states.values()) if self._scale is not None else None
-        return current if current is not None else self._last_found_inf
+        return self._skip_flag(current) if current is not None else self._last_found_inf
 
     def last_step_skipped_if_known(self) -> Optional[bool]:
         """Whether the step ended by the last :meth:`update` was skipped, if that is already known on the
@@ -531,9 +675,45 @@ class GradScaler(torch.amp.GradScaler):
         return self._skipped_steps
 
     def step_counts(self) -> Dict[str, int]:
-        """``{"steps", "taken", "skipped"}`` over the scaler's life (reads the device counter: a host sync)."""
-        skipped = self._get_skipped_steps() if self._enabled else 0
-        return {"steps": self._num_steps, "taken": self._num_steps - skipped, "skipped": skipped}
+        """``{"steps", "taken", "skipped", "overflows", "spikes"}`` over the scaler's life: ``skipped`` counts
+        every skipped step, ``overflows`` those with inf/nan gradients, ``spikes`` those only the spike
+        guard skipped (reads the device counters: one host sync)."""
+        if not self._enabled:
+            return {"steps": self._num_steps, "taken": self._num_steps, "skipped": 0, "overflows": 0, "spikes": 0}
+        skipped, overflows, spikes = self._read_counters()
+        return {"steps": self._num_steps, "taken": self._num_steps - skipped, "skipped": skipped, "overflows": overflows,
+                "spikes": spikes}
+
+    def _read_counters(self) -> Tuple[int, int, int]:
+        if self._skipped_steps is None:
+            return self._init_skipped_steps, self._init_counts["overflows"], self._init_counts["spikes"]
+        values = torch.stack([self._skipped_steps, self._counts["overflows"], self._counts["spikes"]]).tolist()
+        return int(values[0]), int(values[1]), int(values[2])
+
+    def grad_norms(self, model: Union[torch.nn.Module, Iterable[Tuple[str, Tensor]]], depth: Optional[int] = None
+                   ) -> Dict[str, float]:
+        """``{parameter name: norm}`` of the unscaled gradients before clipping, from the last
+        ``clip_grad_norm_(..., per_param_norms=True)``, in one host read. ``depth``: group by the first
+        ``depth`` components of the names (``depth=2``: ``"layers.3"``), the norm of each group's norms.
+        Under sharding each rank has the norms of its own pieces of the parameters."""
+        if not self._param_norms:
+            return {}
+        named = model.named_parameters() if isinstance(model, torch.nn.Module) else model
+        names = {id(p): n for n, p in named}
+        home = self._param_norms[0][1].device
+        values = torch.cat([norms.to(home).reshape(-1) for _, norms in self._param_norms]).tolist()
+        params = [p for ps, _ in self._param_norms for p in ps]
+        result: Dict[str, float] = {}
+        for param, value in zip(params, values):
+            name = names.get(id(param))
+            if name is None:
+                continue
+            if depth is not None:
+                name = ".".join(name.split(".")[:depth])
+                result[name] = math.sqrt(result.get(name, 0.0) ** 2 + value * value)
+            else:
+                result[name] = value
+        return result
 
     def overflow_report(self, model: NamedTensors) -> List[ops.NonFiniteRecord]:
         """Which parameters' gradients hold nan/+inf/-inf, and how many of each.

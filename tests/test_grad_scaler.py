@@ -101,7 +101,8 @@ def test_is_a_torch_grad_scaler_with_the_same_settings():
         assert getattr(ours, f"get_{name}")() == value
     assert ours.state_dict() == {**theirs.state_dict(), "growth_factor": 4.0, "backoff_factor": 0.125,
                                  "growth_interval": 3, "hysteresis": 1, "_hysteresis_tracker": 1,
-                                 "min_scale": 0.0, "max_scale": math.inf, "_num_steps": 0, "_skipped_steps": 0}
+                                 "min_scale": 0.0, "max_scale": math.inf, "_num_steps": 0, "_skipped_steps": 0,
+                                 "_overflow_steps": 0, "_spike_steps": 0}
 
 
 @pytest.mark.parametrize("kwargs", [{"growth_factor": 1.0}, {"backoff_factor": 1.0}])
@@ -140,7 +141,7 @@ def test_disabled_scaler_is_a_pass_through():
     ref_opt.step()
     assert_same_tensors(params_of(model), params_of(reference))
     assert scaler.state_dict() == {} and scaler.get_scale() == 1.0 and scaler.found_inf is None
-    assert scaler.step_counts() == {"steps": 0, "taken": 0, "skipped": 0}
+    assert scaler.step_counts() == {"steps": 0, "taken": 0, "skipped": 0, "overflows": 0, "spikes": 0}
 
 
 # ---- scale() ------------------------------------------------------------------------------------------
@@ -681,7 +682,7 @@ def test_hysteresis_min_and_max_scale_follow_the_documented_rules():
 def test_found_inf_counters_and_overflow_report():
     scales, scaler = _scale_sequence([0, 1, 0, 0, 1], init_scale=2.0**10)
     assert scaler.num_steps == 5
-    assert scaler.step_counts() == {"steps": 5, "taken": 3, "skipped": 2}
+    assert scaler.step_counts() == {"steps": 5, "taken": 3, "skipped": 2, "overflows": 2, "spikes": 0}
     assert int(scaler.skipped_steps) == 2
     assert scaler.last_step_skipped() and float(scaler.found_inf) == 1.0
 
