@@ -29,6 +29,7 @@ from ._precision import autocast_dtype, normalize_precision
 from .forensics import OverflowDiagnosis, OverflowWatch, diagnose_overflow_in_run
 from .grad_scaler import GradScaler
 from .ops import NonFiniteRecord, nonfinite_report
+from .spike_guard import SpikeGuard
 
 __all__ = ["FusedMixedPrecisionTrainer", "StepResult"]
 
@@ -132,6 +133,10 @@ class FusedMixedPrecisionTrainer:
             keeps their memory alive: lower it, or turn the diagnosis off, for large batches) and
             diagnosed when the flags are read anyway (logging in :meth:`fit`,
             :meth:`get_training_statistics`); the report says which step it is.
+        spike_guard: a :class:`fastamp.SpikeGuard`: skip steps whose unscaled gradient norm (or loss)
+            spikes, on the device, as overflows are skipped (bf16/fp32 get the guard scaler for it).
+        log_grad_norms: keep each parameter's gradient norm from the clip's pass (:meth:`grad_norms`,
+            and ``grad_norms`` in the statistics); no extra pass, no host sync until read.
         stuck_after: warn once (:class:`fastamp.TrainingStuckWarning`) after this many consecutive
             skipped steps, or when a step is skipped with the scale at ``min_scale``.
 
@@ -165,6 +170,8 @@ class FusedMixedPrecisionTrainer:
         diagnose_every: int = 100,
         diagnose_window: int = 16,
         stuck_after: int = 20,
+        spike_guard: Optional[SpikeGuard] = None,
+        log_grad_norms: bool = False,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -192,10 +199,18 @@ class FusedMixedPrecisionTrainer:
         elif plan.loss_scaling != "none":
             self.scaler = GradScaler(self.device.type, init_scale=plan.init_scale, growth_factor=growth_factor,
                                      backoff_factor=backoff_factor, growth_interval=growth_interval,
-                                     hysteresis=hysteresis, min_scale=plan.min_scale, max_scale=plan.max_scale)
+                                     hysteresis=hysteresis, min_scale=plan.min_scale, max_scale=plan.max_scale,
+                                     spike_guard=spike_guard)
         else:
-            # The non-finite guard: the same fused path (norm + found_inf in one read, skip on the device).
-            self.scaler = GradScaler.nonfinite_guard(self.device.type, enabled=plan.guard)
+            # The non-finite guard: the same fused path (norm + found_inf in one read, skip on the device);
+            # a spike guard needs it too (its decision joins found_inf).
+            self.scaler = GradScaler.nonfinite_guard(self.device.type, enabled=plan.guard or spike_guard is not None,
+                                                     spike_guard=spike_guard)
+        if scaler is not None and spike_guard is not None:
+            if scaler.spike_guard is not None and scaler.spike_guard is not spike_guard:
+                raise ValueError("fastamp.FusedMixedPrecisionTrainer: spike_guard given to both the trainer and its scaler")
+            scaler.spike_guard = spike_guard
+        self.log_grad_norms = bool(log_grad_norms)
         min_scale = plan.min_scale
         self.skip_nonfinite = self.scaler.is_enabled()
         self.diagnose_overflows = bool(diagnose_overflows)
@@ -292,7 +307,7 @@ class FusedMixedPrecisionTrainer:
         if folded is not None:
             grad_norm = folded
         else:
-            grad_norm = self.scaler.clip_grad_norm_(self.optimizer, max_norm)
+            grad_norm = self.scaler.clip_grad_norm_(self.optimizer, max_norm, per_param_norms=self.log_grad_norms)
             self.scaler.step(self.optimizer)
         self.scaler.update()
         optimizer_time = self._timer.stop(start)
@@ -451,7 +466,18 @@ class FusedMixedPrecisionTrainer:
         }
         if self.device.type == "cuda":
             stats["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 1e6
+        if self.scaler.spike_guard is not None:
+            stats["spike_steps"] = self.scaler.step_counts()["spikes"]
+        if self.log_grad_norms:
+            stats["grad_norms"] = self.grad_norms()
         return stats
+
+    def grad_norms(self, depth: Optional[int] = None) -> Dict[str, float]:
+        """Each parameter's unscaled gradient norm before clipping at the latest optimizer step (with
+        ``log_grad_norms=True``; computed in the clip's pass), ``{name: norm}``, in one host read.
+        ``depth`` groups names by their first components (``depth=2``: ``"layers.3"``)."""
+        model = self.model.module if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else self.model
+        return self.scaler.grad_norms(model, depth)
 
     def overflow_report(self) -> List[NonFiniteRecord]:
         """The parameters whose gradients held nan/+inf/-inf at the latest optimizer step, and how many,
