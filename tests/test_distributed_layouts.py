@@ -79,6 +79,9 @@ def test_refusals_checkpoint_and_trainer(one_node_of_four):
     assert "process_group" in checks["errors"]["group does not span the mesh"]
     assert checks["checkpoint"]["resumed"] == "bit-identical"
     assert checks["checkpoint"]["scaler"]["_skipped_steps"] == 1  # the NaN after the resume was skipped
+    for on in ("grad_norm", "loss"):  # a spike in one rank's batch: every rank skips, one collective a step
+        assert checks["spike_guard"][on]["skipped"] == [False] * 8 + [True, False]
+        assert checks["spike_guard"][on]["collectives_per_step"] == 1
     for run in checks["trainer"]:
         assert abs(run["norm"] - run["oracle"]) <= 1e-6 * run["oracle"], run
 

@@ -560,6 +560,41 @@ def check_checkpoint(world: int, folder: str) -> Dict[str, Any]:
     return {"scaler": went_on_scaler, "resumed": "bit-identical"}
 
 
+def check_spike_guard(world: int) -> Dict[str, Any]:
+    """FSDP2 + ShardedGradScaler + SpikeGuard, each rank on its own data: a spike in one rank's batch is
+    seen in the global norm (or the global loss), and every rank skips that step, in the step's one
+    collective."""
+    from ..spike_guard import SpikeGuard
+
+    outcome: Dict[str, Any] = {}
+    for on in ("grad_norm", "loss"):
+        model = fully_shard_model(make_model(), make_mesh((world,), ("dp",)))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+        scaler = ShardedGradScaler("cpu", init_scale=SCALE, spike_guard=SpikeGuard(window=8, warmup=4, on=on))
+        skipped, calls = [], []
+        for step in range(10):
+            x, y = make_batch(100 * dist.get_rank() + step)
+            if step == 8 and dist.get_rank() == world - 1:
+                x, y = x * 1000, y * 1000
+            opt.zero_grad()
+            scaler.scale(F.mse_loss(model(x), y)).backward()
+            before = _named_params(model)
+            with Collectives() as collectives:
+                scaler.clip_grad_norm_(opt, 1.0)
+                scaler.step(opt)
+                scaler.update()
+            calls.append(collectives.count)
+            after = _named_params(model)
+            skipped.append(all(torch.equal(before[k], after[k]) for k in before))
+        counts = scaler.step_counts()
+        _check(skipped == [False] * 8 + [True, False], f"spike guard on {on}: skipped {skipped}")
+        _check(counts["spikes"] == 1 and counts["overflows"] == 0, f"spike guard on {on}: {counts}")
+        _check(set(calls) == {1}, f"spike guard on {on}: collectives per step {calls}")
+        _check(_same_on_every_rank(float(counts["spikes"])), "ranks disagree")
+        outcome[on] = {"skipped": skipped, "counts": counts, "collectives_per_step": calls[0]}
+    return outcome
+
+
 def check_trainer(world: int, name: str) -> Dict[str, Any]:
     """FusedMixedPrecisionTrainer on a layout, with nothing distributed configured: its norm is the
     global one."""
@@ -677,6 +712,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 folder = os.path.join(args.out or ".", "dcp-checkpoint")
                 results.append({"layout": "checks", "errors": check_errors(world),
                                 "checkpoint": check_checkpoint(world, folder),
+                                "spike_guard": check_spike_guard(world),
                                 "trainer": [check_trainer(world, name) for name in ("hsdp", "tp_plain_norms", "fsdp_tp")]})
         if dist.get_rank() == 0 and args.out:
             os.makedirs(args.out, exist_ok=True)
