@@ -46,6 +46,7 @@ __all__ = [
     "kernel_handles",
     "local_grads",
     "merge_by_device",
+    "named_norms",
     "norm_and_check",
     "reduce_across_ranks",
     "reduce_found_inf_across_ranks",
@@ -500,6 +501,29 @@ class ClipResult:
         for device, grads in by_device.items():
             flag = self.found_inf_per_device.get(device) if skip_on_found_inf else None
             scale_grads_(grads, factors.get(device), flag)
+
+
+def named_norms(per_param: Optional[List[Tuple[List[Tensor], Tensor]]],
+                model: Union[torch.nn.Module, Iterable[Tuple[str, Tensor]]], depth: Optional[int] = None) -> Dict[str, float]:
+    """``{name: norm}`` from a clip's per-parameter norms (:attr:`ClipResult.per_param`), in one host read;
+    ``depth`` groups names by their first components, the norm of each group's norms."""
+    if not per_param:
+        return {}
+    named = model.named_parameters() if isinstance(model, torch.nn.Module) else model
+    names = {id(p): n for n, p in named}
+    home = per_param[0][1].device
+    values = torch.cat([norms.to(home).reshape(-1) for _, norms in per_param]).tolist()
+    result: Dict[str, float] = {}
+    for param, value in zip([p for ps, _ in per_param for p in ps], values):
+        name = names.get(id(param))
+        if name is None:
+            continue
+        if depth is not None:
+            name = ".".join(name.split(".")[:depth])
+            result[name] = math.sqrt(result.get(name, 0.0) ** 2 + value * value)
+        else:
+            result[name] = value
+    return result
 
 
 def clipping_enabled(max_norm: Optional[float]) -> bool:

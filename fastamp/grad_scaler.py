@@ -38,6 +38,7 @@ from ._gradients import (
     PerDevice,
     clip_gradients,
     local_grads,
+    named_norms,
     norm_and_check,
     reduce_across_ranks,
     reduce_found_inf_across_ranks,
@@ -696,24 +697,7 @@ class GradScaler(torch.amp.GradScaler):
         ``clip_grad_norm_(..., per_param_norms=True)``, in one host read. ``depth``: group by the first
         ``depth`` components of the names (``depth=2``: ``"layers.3"``), the norm of each group's norms.
         Under sharding each rank has the norms of its own pieces of the parameters."""
-        if not self._param_norms:
-            return {}
-        named = model.named_parameters() if isinstance(model, torch.nn.Module) else model
-        names = {id(p): n for n, p in named}
-        home = self._param_norms[0][1].device
-        values = torch.cat([norms.to(home).reshape(-1) for _, norms in self._param_norms]).tolist()
-        params = [p for ps, _ in self._param_norms for p in ps]
-        result: Dict[str, float] = {}
-        for param, value in zip(params, values):
-            name = names.get(id(param))
-            if name is None:
-                continue
-            if depth is not None:
-                name = ".".join(name.split(".")[:depth])
-                result[name] = math.sqrt(result.get(name, 0.0) ** 2 + value * value)
-            else:
-                result[name] = value
-        return result
+        return named_norms(self._param_norms, model, depth)
 
     def overflow_report(self, model: NamedTensors) -> List[ops.NonFiniteRecord]:
         """Which parameters' gradients hold nan/+inf/-inf, and how many of each.

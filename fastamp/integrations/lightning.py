@@ -34,10 +34,11 @@ from torch.amp.grad_scaler import OptState
 
 from .. import ops
 from .._batch import LossFn
-from .._gradients import clip_gradients, local_grads
+from .._gradients import clip_gradients, local_grads, named_norms
 from .._metrics import memory_mb
 from ..forensics import OverflowDiagnosis, OverflowWatch, diagnose_overflow_in_run
 from ..grad_scaler import GradScaler
+from ..spike_guard import SpikeGuard
 
 __all__ = ["AMPMonitor", "FusedMixedPrecision"]
 
@@ -65,6 +66,8 @@ class FusedMixedPrecision(MixedPrecision):
             whose gradients hold inf/nan (parameters and optimizer state untouched), as 16-mixed does. Off
             by default, so that the plugin stays a drop-in for the stock one. The check is the norm pass
             of the clip (or, without a clip, one read of the gradients); nothing is written unless clipping.
+        spike_guard: a :class:`fastamp.SpikeGuard`: skip, on the device, steps whose gradient norm (or
+            loss) spikes (for bf16-mixed / 32-true it brings the guard scaler with it).
         **scaler_kwargs: passed to :class:`fastamp.GradScaler` (``init_scale``, ``growth_interval``,
             ``hysteresis``, ``min_scale``, ...).
 
@@ -83,6 +86,7 @@ class FusedMixedPrecision(MixedPrecision):
         scaler: Optional[torch.amp.GradScaler] = None,
         *,
         skip_nonfinite: bool = False,
+        spike_guard: Optional[SpikeGuard] = None,
         **scaler_kwargs: Any,
     ) -> None:
         if precision not in ("16-mixed", "bf16-mixed", "32-true"):
@@ -90,14 +94,18 @@ class FusedMixedPrecision(MixedPrecision):
             raise ValueError(f"`Passed `MixedPrecision(precision={precision!r})`. Precision must be '16-mixed' or "
                              f"'bf16-mixed'. fastamp's FusedMixedPrecision, which stands in for it, also takes '32-true'.")
         if scaler is None and precision == "16-mixed":
-            scaler = GradScaler(device, **scaler_kwargs)
+            scaler = GradScaler(device, spike_guard=spike_guard, **scaler_kwargs)
+        elif spike_guard is not None and isinstance(scaler, GradScaler):
+            scaler.spike_guard = spike_guard
         # Lightning's plugin knows only the two mixed precisions; 32-true is bf16-mixed without autocast.
         super().__init__("bf16-mixed" if precision == "32-true" else precision, device, scaler)
         self.precision = precision
-        self.skip_nonfinite = bool(skip_nonfinite) and precision != "16-mixed"
+        self.skip_nonfinite = (bool(skip_nonfinite) or spike_guard is not None) and precision != "16-mixed"
         if self.skip_nonfinite:
             # The guard: a scaler pinned at 1, so that the clip's norm pass also decides the skip.
-            self.scaler = GradScaler.nonfinite_guard(device)
+            self.scaler = GradScaler.nonfinite_guard(device, spike_guard=spike_guard)
+        self.per_param_norms = False  # AMPMonitor(log_grad_norms=True) turns it on
+        self._param_norms: Optional[List[Tuple[List[Tensor], Tensor]]] = None
         self.last_grad_norm: Optional[Tensor] = None  # device tensor, before clipping
         self.last_optimizer_time: Optional[float] = None  # seconds, host clock around the optimizer phase
         self._phase_start: Optional[float] = None
@@ -160,9 +168,17 @@ class FusedMixedPrecision(MixedPrecision):
         optimizers); unscaled ones take one read for the norm and one write (none on overflow)."""
         raw = _unwrap(optimizer)
         if self._stage(raw) is OptState.READY:
-            self.last_grad_norm = self.scaler.clip_grad_norm_(raw, clip_val)
+            self.last_grad_norm = self.scaler.clip_grad_norm_(raw, clip_val, per_param_norms=self.per_param_norms)
+            self._param_norms = None  # the scaler keeps them
         else:
             self.last_grad_norm = self._clip_unscaled(raw, float(clip_val))
+
+    def grad_norms(self, module: Any, depth: Optional[int] = None) -> Dict[str, float]:
+        """``{parameter name: norm}`` of the gradients before clipping at the latest clip by norm (with
+        :attr:`per_param_norms` on, as :class:`AMPMonitor` sets it), in one host read."""
+        if self._param_norms is None and isinstance(self.scaler, GradScaler):
+            return self.scaler.grad_norms(module, depth)
+        return named_norms(self._param_norms, module, depth)
 
     def clip_grad_by_value(self, optimizer: Any, clip_val: Union[int, float]) -> None:
         raw = _unwrap(optimizer)
@@ -176,7 +192,8 @@ class FusedMixedPrecision(MixedPrecision):
         found_inf = scaler.found_inf if scaler is not None else None
         grads = scaler.local_grads(optimizer) if scaler is not None else local_grads(optimizer)
         home = found_inf.device if found_inf is not None else torch.device(self.device)
-        result = clip_gradients(grads, max_norm, home=home)
+        result = clip_gradients(grads, max_norm, home=home, per_param_norms=self.per_param_norms)
+        self._param_norms = result.per_param
         with torch.no_grad():
             if found_inf is not None:  # the scaler's overflow flag from this iteration's unscale
                 result.found_inf_per_device = {d: found_inf.to(d, non_blocking=True) for d in grads.by_device}
@@ -232,11 +249,16 @@ class AMPMonitor(Callback):
     ``training_step``, which may log, count, or (manual optimization) step optimizers, and must not run
     twice. Either way it warns once (:class:`fastamp.TrainingStuckWarning`) after ``stuck_after``
     consecutive skipped steps, or when a step is skipped with the scale at its ``min_scale``.
+
+    ``log_grad_norms=True`` also logs ``grad_norm/<parameter name>`` at the logging steps (grouped by
+    the first ``grad_norm_depth`` name components if given): each parameter's norm before clipping,
+    from the clip's own pass (``gradient_clip_algorithm="norm"``), one host read per log.
     """
 
     def __init__(self, log_every_n_steps: int = 50, *, loss_fn: Optional[LossFn] = None, diagnose_every: int = 100,
-                 stuck_after: int = 20) -> None:
+                 stuck_after: int = 20, log_grad_norms: bool = False, grad_norm_depth: Optional[int] = None) -> None:
         super().__init__()
+        self.log_grad_norms, self.grad_norm_depth = bool(log_grad_norms), grad_norm_depth
         self.log_every_n_steps = int(log_every_n_steps)
         self.loss_fn = loss_fn
         self.overflow_reports: List[Tuple[int, List[ops.NonFiniteRecord]]] = []
@@ -245,6 +267,12 @@ class AMPMonitor(Callback):
         self._diagnose_every, self._stuck_after = int(diagnose_every), int(stuck_after)
         self._watch: Optional[OverflowWatch] = None
         self._scale_before_step: Optional[Tensor] = None
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.log_grad_norms:
+            if not hasattr(trainer.precision_plugin, "per_param_norms"):
+                raise ValueError("fastamp.AMPMonitor(log_grad_norms=True) needs fastamp's FusedMixedPrecision plugin")
+            trainer.precision_plugin.per_param_norms = True
 
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
         scaler = self._scaler(trainer)
@@ -286,6 +314,8 @@ class AMPMonitor(Callback):
         optimizer_time = getattr(plugin, "last_optimizer_time", None)
         if optimizer_time is not None:
             values["amp/optimizer_ms"] = optimizer_time * 1e3
+        if self.log_grad_norms:  # from the clip's pass; one read, at the logging steps only
+            values.update({f"grad_norm/{name}": v for name, v in plugin.grad_norms(pl_module, self.grad_norm_depth).items()})
         self.logged.append({"step": float(step), **values})
         pl_module.log_dict(values, on_step=True, on_epoch=False)
 

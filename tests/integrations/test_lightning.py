@@ -275,3 +275,28 @@ def test_model_parallel_strategy_fsdp_x_tp_clips_with_the_global_norm(tmp_path):
         assert abs(plugin - oracle) <= 1e-6 * oracle, step
     first = [repr(v) for v in seen["every_rank"][0]]  # repr: NaN compares equal to itself there
     assert all([repr(v) for v in ranks] == first for ranks in seen["every_rank"])
+
+
+class SpikyRegression(Regression):
+    """A finite spike: the gradients of step 9 are a thousand times their size."""
+
+    def _maybe_inject(self, grad):
+        return grad * 1000 if self.global_step == 9 else grad
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_the_spike_guard_skips_a_spike_and_the_monitor_logs_per_parameter_norms(precision):
+    from fastamp import SpikeGuard
+
+    module = SpikyRegression(fused=True)
+    guard = SpikeGuard(window=8, warmup=4)
+    plugin = FusedMixedPrecision(precision, "cpu", spike_guard=guard)
+    monitor = AMPMonitor(log_every_n_steps=4, log_grad_norms=True)
+    fit(module, plugin, max_steps=12, clip=1e9, callbacks=[monitor])
+    counts = plugin.scaler.step_counts()
+    assert counts["spikes"] == 1 and counts["skipped"] == 1 + counts["overflows"]
+    logged = monitor.logged[-1]
+    names = {n for n, _ in module.named_parameters()}
+    assert {k.split("/", 1)[1] for k in logged if k.startswith("grad_norm/")} == names
+    norms = plugin.grad_norms(module)
+    assert set(norms) == names and all(v > 0 for v in norms.values())
