@@ -7,6 +7,6 @@
 
 from __future__ import annotations
 
-from .huggingface import apply_fastamp
+from .huggingface import apply_fastamp, grad_norms
 
-__all__ = ["apply_fastamp"]
+__all__ = ["apply_fastamp", "grad_norms"]

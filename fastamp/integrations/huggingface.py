@@ -28,17 +28,19 @@ stock. ``save_state``/``load_state`` carry the scaler in the stock format, both 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import Tensor
 
-from .._gradients import clip_gradients, local_grads
+from .._gradients import clip_gradients, local_grads, named_norms
 from ..grad_scaler import GradScaler
+from ..spike_guard import SpikeGuard
 
-__all__ = ["apply_fastamp"]
+__all__ = ["apply_fastamp", "grad_norms"]
 
 _PATCHED = "_fastamp_applied"
+_NORMS = "_fastamp_param_norms"
 # Accelerate's own code keeps these (they wrap or shard the gradients their own way).
 _OWN_CLIP_TYPES = ("DEEPSPEED", "XLA", "FSDP", "MEGATRON_LM")
 
@@ -97,7 +99,8 @@ def _attach(optimizer: Any, scaler: GradScaler) -> None:
     optimizer.__setstate__(optimizer.__getstate__())
 
 
-def apply_fastamp(target: Any, *, skip_nonfinite: bool = False, **scaler_kwargs: Any) -> Any:
+def apply_fastamp(target: Any, *, skip_nonfinite: bool = False, spike_guard: Optional[SpikeGuard] = None,
+                  log_grad_norms: bool = False, **scaler_kwargs: Any) -> Any:
     """Run an ``accelerate.Accelerator`` (before or after ``prepare``) or a ``transformers.Trainer`` on
     fastamp's scaler and fused clip. Returns ``target``.
 
@@ -105,6 +108,11 @@ def apply_fastamp(target: Any, *, skip_nonfinite: bool = False, **scaler_kwargs:
         target: the Accelerator, or the Trainer (its ``trainer.accelerator`` is changed; call this
             before ``trainer.train()``).
         skip_nonfinite: bf16 and fp32 only (fp16 always skips): skip steps whose gradients hold inf/nan.
+        spike_guard: a :class:`fastamp.SpikeGuard` on the gradient norm the clip computes (fp16: also
+            ``on="loss"``; bf16/fp32 bring the guard scaler, which sees the norm, not the loss).
+        log_grad_norms: keep each parameter's norm from the clip's pass; a Trainer's logs then carry
+            ``grad_norm/<name>`` at its logging steps (read with the norm it reads there anyway), and
+            :func:`grad_norms` reads them for an Accelerator.
         **scaler_kwargs: fastamp's own scaler settings for fp16 (``hysteresis``, ``min_scale``,
             ``max_scale``); Accelerate's (``init_scale``, ``growth_interval``, ...) come from its
             ``GradScalerKwargs``.
@@ -133,11 +141,13 @@ def apply_fastamp(target: Any, *, skip_nonfinite: bool = False, **scaler_kwargs:
         scaler = stock
     elif _is_stock_scaler(stock) or (_is_stock_sharded_scaler(stock) and getattr(accelerator, "is_fsdp2", False)):
         scaler = _converted(stock, device_type, **scaler_kwargs)
+    if scaler is not None and spike_guard is not None:
+        scaler.spike_guard = spike_guard
     guard: Optional[GradScaler] = None
     if scaler is not None:
         accelerator.scaler = scaler
-    elif skip_nonfinite and stock is None:
-        guard = GradScaler.nonfinite_guard(device_type)
+    elif (skip_nonfinite or spike_guard is not None) and stock is None:
+        guard = GradScaler.nonfinite_guard(device_type, spike_guard=spike_guard)
         guard.scale(torch.zeros((), device=accelerator.device))  # the scale lives on the accelerator's device
     step_scaler = scaler if scaler is not None else guard
 
@@ -158,12 +168,53 @@ def apply_fastamp(target: Any, *, skip_nonfinite: bool = False, **scaler_kwargs:
 
             accelerator.prepare_optimizer = prepare_optimizer_with_guard
 
-    accelerator.clip_grad_norm_ = _fused_clip(accelerator, accelerator.clip_grad_norm_, wrapper)
+    norms = _ParamNorms(bool(log_grad_norms))
+    setattr(accelerator, _NORMS, norms)
+    accelerator.clip_grad_norm_ = _fused_clip(accelerator, accelerator.clip_grad_norm_, wrapper, norms)
     setattr(accelerator, _PATCHED, True)
+    if log_grad_norms and target is not accelerator and callable(getattr(target, "log", None)):
+        _log_grad_norms_with(target, accelerator)
     return target
 
 
-def _fused_clip(accelerator: Any, stock_clip: Callable[..., Any], wrapper: type) -> Callable[..., Any]:
+class _ParamNorms:
+    """The per-parameter norms of the latest fused clip: from the scaler, or kept here."""
+
+    def __init__(self, wanted: bool) -> None:
+        self.wanted = wanted
+        self.scaler: Optional[GradScaler] = None
+        self.per_param: Optional[List[Any]] = None
+
+    def read(self, model: Any, depth: Optional[int] = None) -> Dict[str, float]:
+        if self.scaler is not None:
+            return self.scaler.grad_norms(model, depth)
+        return named_norms(self.per_param, model, depth)
+
+
+def grad_norms(target: Any, model: Any, depth: Optional[int] = None) -> Dict[str, float]:
+    """``{parameter name: norm}`` before clipping, from the latest ``clip_grad_norm_`` of an accelerator
+    (or Trainer) given ``apply_fastamp(..., log_grad_norms=True)``, in one host read."""
+    accelerator = getattr(target, "accelerator", target)
+    norms = getattr(accelerator, _NORMS, None)
+    if norms is None or not norms.wanted:
+        raise ValueError("fastamp.integrations.grad_norms: call apply_fastamp(..., log_grad_norms=True) first")
+    return norms.read(model, depth)
+
+
+def _log_grad_norms_with(trainer: Any, accelerator: Any) -> None:
+    """The Trainer's training logs (those with the loss, at its logging steps) also get the norms."""
+    original = trainer.log
+
+    def log(logs: Dict[str, float], *args: Any, **kwargs: Any) -> Any:
+        if "loss" in logs:
+            norms = getattr(accelerator, _NORMS).read(trainer.model)
+            logs = {**logs, **{f"grad_norm/{name}": value for name, value in norms.items()}}
+        return original(logs, *args, **kwargs)
+
+    trainer.log = log
+
+
+def _fused_clip(accelerator: Any, stock_clip: Callable[..., Any], wrapper: type, norms: _ParamNorms) -> Callable[..., Any]:
     def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, norm_type: float = 2) -> Any:
         """fastamp's fused clip on the prepared optimizers holding ``parameters`` (see apply_fastamp)."""
         params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
@@ -181,12 +232,15 @@ def _fused_clip(accelerator: Any, stock_clip: Callable[..., Any], wrapper: type)
             return stock_clip(params, max_norm, norm_type=norm_type)
         (scaler,) = scalers.values()
         if isinstance(scaler, GradScaler):
-            return scaler.clip_grad_norm_(raw, max_norm)
+            norms.scaler, norms.per_param = scaler, None
+            return scaler.clip_grad_norm_(raw, max_norm, per_param_norms=norms.wanted)
         if scaler is not None:  # a scaler fastamp did not replace (sharded, XLA)
             return stock_clip(params, max_norm, norm_type=norm_type)
         # No scaler (bf16, fp32): norm in one read, one write to clip.
         grads = local_grads(raw)
-        result = clip_gradients(grads, None if math.isinf(float(max_norm)) else float(max_norm))
+        result = clip_gradients(grads, None if math.isinf(float(max_norm)) else float(max_norm),
+                                per_param_norms=norms.wanted)
+        norms.scaler, norms.per_param = None, result.per_param
         with torch.no_grad():
             result.apply_(grads, skip_on_found_inf=False)  # stock writes even a non-finite norm's factor
         return result.total_norm

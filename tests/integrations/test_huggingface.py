@@ -373,3 +373,51 @@ def test_applied_before_prepare_the_optimizers_prepared_later_get_fastamp():
     accelerator.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     assert opt.step_was_skipped and all(torch.equal(a, b) for a, b in zip(net.parameters(), before))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_spike_guard_and_per_parameter_norms_through_accelerate(fused):
+    from fastamp import SpikeGuard
+    from fastamp.integrations import grad_norms
+
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused or None, foreach=None if fused else True)
+    model, opt = accelerator.prepare(model, opt)
+    apply_fastamp(accelerator, spike_guard=SpikeGuard(window=8, warmup=4), log_grad_norms=True)
+    calls = {"n": 0}
+
+    def spike(grad):
+        calls["n"] += 1
+        return grad * 1000 if calls["n"] == 9 else grad
+
+    model[2].weight.register_hook(spike)
+    skipped = []
+    for x, y in data(12):
+        opt.zero_grad()
+        with accelerator.autocast():
+            loss = torch.nn.functional.mse_loss(model(x).float(), y)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1e9)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        skipped.append(all(torch.equal(a, b) for a, b in zip(before, model.parameters())))
+    assert skipped == [False] * 8 + [True] + [False] * 3
+    norms = grad_norms(accelerator, model)
+    assert set(norms) == {n for n, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        assert norms[name] == pytest.approx(float(torch.linalg.vector_norm(p.grad.double())), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_transformers_trainer_logs_per_parameter_norms(tmp_path):
+    model = tiny_gpt2()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, learning_rate=3e-3, max_grad_norm=1.0,
+        use_cpu=True, bf16=True, logging_steps=2, report_to=[], save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenDataset())
+    apply_fastamp(trainer, log_grad_norms=True)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    names = {n for n, _ in model.named_parameters() if n != "lm_head.weight"}  # tied to the embedding
+    assert len(logs) == 2 and all(names <= {k.split("/", 1)[1] for k in e if k.startswith("grad_norm/")} for e in logs)
