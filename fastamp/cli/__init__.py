@@ -162,7 +162,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(device=args.device, precision=args.precision, steps=args.steps, size=args.size, out=args.out,
              optimizer=args.optimizer, seed=args.seed, progress=not args.no_progress,
-             inject_at=None if args.no_inject else args.inject_at)
+             inject_at=None if args.no_inject else args.inject_at, spike_at=None if args.no_spike else args.spike_at)
     return 0
 
 
@@ -269,6 +269,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                       help="plant one bad gradient (nan in bf16/fp32, inf in fp16) at this step in both runs "
                            "(default: a third of the way in)")
     demo.add_argument("--no-inject", action="store_true", help="train without the planted gradient")
+    demo.add_argument("--spike-at", type=int, default=-1, metavar="STEP",
+                      help="plant a finite x1000 gradient spike at this step in both runs; fastamp's SpikeGuard "
+                           "skips it (default: two thirds of the way in, with 30 steps or more)")
+    demo.add_argument("--no-spike", action="store_true", help="train without the planted spike")
     demo.set_defaults(func=_demo)
     from .bench import DTYPES, OPS, WORKLOADS
 

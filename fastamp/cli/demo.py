@@ -24,6 +24,7 @@ import torch
 from .._metrics import StepHistory, StepTimer, memory_mb, training_statistics
 from .._plots import plot_dashboard
 from .._precision import normalize_precision
+from ..spike_guard import SpikeGuard
 from ..testing.models import MODEL_SIZES, TransformerLM, build_model, synthetic_batches
 from ..testing.stock_loop import StockAMPLoop
 from ..trainer import FusedMixedPrecisionTrainer
@@ -34,6 +35,7 @@ __all__ = ["default_precision", "run_demo"]
 DEMO_BATCH = {"tiny": (8, 32), "small": (4, 32), "base": (4, 64)}  # (batch size, sequence length)
 DEMO_TOKENS = 256  # token ids the synthetic task uses: learnable within the demo's steps
 MAX_GRAD_NORM = 1.0
+SPIKE_WARMUP = 8  # taken steps before the demo's spike guard decides
 INTERLEAVE = 5  # steps of one run before the other's turn
 INJECT_PARAMETER = "layers.0.feedforward.0.weight"  # where the demo plants its bad gradient
 
@@ -54,9 +56,14 @@ class GradientInjector:
     def _inject(self, grad: torch.Tensor) -> torch.Tensor:
         if not self.armed:
             return grad
+        if self.value == SPIKE:  # a finite spike: the whole gradient a thousand times its size
+            return grad * 1000.0
         grad = grad.clone()
         grad.view(-1)[0] = self.value
         return grad
+
+
+SPIKE = 1000.0  # GradientInjector's value for a spike rather than one bad element
 
 
 def default_precision(device: torch.device) -> str:
@@ -83,6 +90,7 @@ def _summary(stats: Dict[str, Any], warmup: int, tokens_per_step: int) -> Dict[s
         "step_ms_p75": quartiles[2] * 1e3,
         "optimizer_phase_ms_median": statistics.median(timed_opt) * 1e3,
         "skipped_steps": stats["overflow_steps"],
+        "spikes_skipped": stats.get("spike_steps", 0),
         "final_loss": stats["loss_values"][-1],
         "tokens_per_second": tokens_per_step * len(timed_steps) / sum(timed_steps),
         "peak_memory_mb": stats.get("peak_memory_mb", stats["max_memory_mb"]),
@@ -106,6 +114,7 @@ def run_demo(
     progress: bool = True,
     log: Callable[[str], None] = print,
     inject_at: Optional[int] = -1,
+    spike_at: Optional[int] = -1,
 ) -> Dict[str, Any]:
     """Train the test transformer with stock AMP and with fastamp; print a side-by-side table and write
     ``results.json`` and ``dashboard.png`` (when matplotlib is installed) into ``out``. Returns the
@@ -115,7 +124,9 @@ def run_demo(
     ``inject_at``: the step (from 0) whose batch plants one bad gradient in both runs (see
     :class:`GradientInjector`): in bf16/fp32 a nan, which the stock loop writes into its weights and
     fastamp's guard skips; in fp16 an inf, an overflow both skip. ``-1`` (default): a third of the way
-    in; ``None``: no injection."""
+    in; ``None``: no injection. ``spike_at``: the step whose batch plants a finite gradient spike (x1000)
+    in both runs, which fastamp's spike guard skips and the stock loop applies; ``-1``: two thirds of the
+    way in (when there are enough steps for the guard's warmup); ``None``: none."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = normalize_precision(precision or default_precision(dev))
     if size not in MODEL_SIZES:
@@ -136,6 +147,10 @@ def run_demo(
         inject_at = steps // 3
     if inject_at is not None and not 0 <= inject_at < steps:
         raise ValueError(f"inject_at must be a step in [0, {steps}), got {inject_at}")
+    if spike_at == -1:
+        spike_at = 2 * steps // 3 if steps >= 30 else None
+    if spike_at is not None and not (SPIKE_WARMUP < spike_at < steps) or (spike_at is not None and spike_at == inject_at):
+        raise ValueError(f"spike_at must be a step in ({SPIKE_WARMUP}, {steps}) other than inject_at, got {spike_at}")
     injected = None
     if inject_at is not None:
         value = math.inf if precision == "fp16" else math.nan
@@ -143,17 +158,24 @@ def run_demo(
         log(f"injecting one {value} gradient into {INJECT_PARAMETER} at step {inject_at} in both runs "
             "(--no-inject to train without it)")
 
+    if spike_at is not None:
+        log(f"planting a x1000 gradient spike into {INJECT_PARAMETER} at step {spike_at} in both runs "
+            "(fastamp runs with a SpikeGuard; --no-spike to train without it)")
+
     def fresh():
         model = copy.deepcopy(initial)
         if injected is not None:
             GradientInjector(model, batches[inject_at], value)
+        if spike_at is not None:
+            GradientInjector(model, batches[spike_at], SPIKE)
         return model, _make_optimizer(model, optimizer)
 
     stock_model, stock_opt = fresh()
     stock_loop = StockAMPLoop(stock_model, stock_opt, precision, MAX_GRAD_NORM)
     stock_history = StepHistory(StepTimer(dev))
     model, opt = fresh()
-    trainer = FusedMixedPrecisionTrainer(model, opt, precision=precision, max_grad_norm=MAX_GRAD_NORM)
+    guard = SpikeGuard(window=32, warmup=SPIKE_WARMUP) if spike_at is not None else None
+    trainer = FusedMixedPrecisionTrainer(model, opt, precision=precision, max_grad_norm=MAX_GRAD_NORM, spike_guard=guard)
     peak = {"stock AMP": 0.0, "fastamp": 0.0}
 
     def stock_step(batch: Dict[str, torch.Tensor]) -> None:
@@ -196,7 +218,8 @@ def run_demo(
     tokens_per_step = batch_size * seq_len
     rows = {"stock AMP": _summary(stock, warmup, tokens_per_step), "fastamp": _summary(fused, warmup, tokens_per_step)}
     # Up to the injected step the two runs train the same model on the same data; after it, stock's is NaN.
-    compared = slice(0, inject_at + 1 if inject_at is not None else steps)
+    first_event = min([e for e in (inject_at, spike_at) if e is not None], default=None)
+    compared = slice(0, first_event + 1 if first_event is not None else steps)
     max_loss_diff = max(abs(a - b) for a, b in zip(stock["loss_values"][compared], fused["loss_values"][compared]))
     table = _format_table(rows, max_loss_diff, "up to the injected step" if inject_at is not None else "")
     log(table)
@@ -210,6 +233,8 @@ def run_demo(
                    "torch": torch.__version__, "timing_warmup_steps": warmup},
         "summary": rows,
         "injected": injected,
+        "spike_at": spike_at,
+        "spikes_skipped": fused.get("spike_steps", 0),
         "overflow_diagnoses": [d.to_dict() for d in trainer.overflow_diagnoses],
         "max_abs_loss_difference": max_loss_diff,
         "speedup_step": rows["fastamp"]["steps_per_second"] / rows["stock AMP"]["steps_per_second"],
@@ -258,6 +283,7 @@ def _format_table(rows: Dict[str, Dict[str, float]], max_loss_diff: float, compa
         f"{rows['fastamp']['optimizer_phase_ms_median']:14.2f}",
         f"{'tokens/s':30} {rows['stock AMP']['tokens_per_second']:14.0f} {rows['fastamp']['tokens_per_second']:14.0f}",
         f"{'skipped steps':30} {rows['stock AMP']['skipped_steps']:14d} {rows['fastamp']['skipped_steps']:14d}",
+        f"{'  of them spikes':30} {rows['stock AMP']['spikes_skipped']:14d} {rows['fastamp']['spikes_skipped']:14d}",
         f"{'final loss':30} {rows['stock AMP']['final_loss']:14.4f} {rows['fastamp']['final_loss']:14.4f}",
         f"{'peak memory MB':30} {rows['stock AMP']['peak_memory_mb']:14.1f} {rows['fastamp']['peak_memory_mb']:14.1f}",
         f"{'max |loss difference|':30} {max_loss_diff:14.3g}" + (f"  ({compared})" if compared else ""),

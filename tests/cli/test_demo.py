@@ -78,3 +78,12 @@ def test_demo_without_injection_skips_nothing(tmp_path, capsys):
     assert saved["injected"] is None and saved["fastamp"]["overflow_step_indices"] == []
     with pytest.raises(ValueError, match="inject_at"):
         run_demo(device="cpu", steps=3, size="tiny", out=str(tmp_path), inject_at=3)
+
+
+@pytest.mark.slow
+def test_demo_plants_a_spike_that_fastamp_skips_and_stock_applies(tmp_path):
+    results = run_demo(device="cpu", precision="bf16", steps=36, size="tiny", out=str(tmp_path), progress=False,
+                       log=lambda line: None, inject_at=None, spike_at=30)
+    assert results["spike_at"] == 30
+    assert 30 in results["fastamp"]["overflow_step_indices"] and results["spikes_skipped"] >= 1
+    assert results["stock"]["overflow_step_indices"] == []  # stock applies it
