@@ -3,7 +3,7 @@
     python benchmarks/summarize.py benchmarks/results/*.json            # print tables
     python benchmarks/summarize.py --readme docs/benchmarks.md benchmarks/results/fastamp-bench-*.json \
         benchmarks/results/guard-*.json benchmarks/results/hf-trainer-*.json \
-        benchmarks/results/mesh-clip-*.json                                          # update the page
+        benchmarks/results/mesh-clip-*.json benchmarks/results/health-*.json         # update the page
 
 Reads both formats: ``fastamp bench --json`` output ({"environment", "results"}) and pytest-benchmark
 JSON. In the page, the block between ``<!-- results:begin -->`` and ``<!-- results:end -->`` is
