@@ -2,8 +2,13 @@
 // before touching any of them, so a bad call raises and changes nothing.
 #pragma once
 
+#include <algorithm>
+#include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
@@ -30,6 +35,35 @@ inline bool is_grad_dtype(at::ScalarType t, bool allow_double) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || (allow_double && t == at::kDouble);
 }
 
+// Two entries of one written list must not share memory: each shared element would be written twice
+// ([t, t] unscaled to a quarter). Exact for the same view given twice and for dense tensors (whose span
+// is their memory); strided views with gaps may interleave without sharing an element, and are let be.
+inline void check_no_aliasing(const char* op, const char* name, at::TensorList tensors) {
+  struct Span {
+    uintptr_t begin, end;
+    size_t index;
+  };
+  std::vector<Span> spans;
+  std::map<std::tuple<uintptr_t, std::vector<int64_t>, std::vector<int64_t>>, size_t> views;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    if (t.numel() == 0) continue;
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const auto seen = views.emplace(std::make_tuple(begin, t.sizes().vec(), t.strides().vec()), i);
+    TORCH_CHECK(seen.second, "fastamp.", op, ": ", name, "[", seen.first->second, "] and ", name, "[", i,
+                "] are the same memory; each element would be written twice. Pass each tensor once");
+    if (t.is_non_overlapping_and_dense()) spans.push_back({begin, begin + t.numel() * t.element_size(), i});
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  for (size_t k = 1; k < spans.size(); ++k) {
+    TORCH_CHECK(spans[k].begin >= spans[k - 1].end, "fastamp.", op, ": ", name, "[",
+                std::min(spans[k - 1].index, spans[k].index), "] and ", name, "[",
+                std::max(spans[k - 1].index, spans[k].index),
+                "] overlap in memory; each shared element would be written twice. Pass each tensor once");
+    if (spans[k].end < spans[k - 1].end) spans[k] = spans[k - 1];
+  }
+}
+
 // A list of gradients (or any tensors an op reads or scales): floating point, on `device`, and, when the
 // op writes them, free of internal overlap (an expanded tensor cannot be written element by element).
 inline void check_tensor_list(const char* op, const char* name, at::TensorList tensors, const at::Device& device,
@@ -47,6 +81,7 @@ inline void check_tensor_list(const char* op, const char* name, at::TensorList t
                   "] has elements that share memory (e.g. an expand()ed tensor) and cannot be written in place");
     }
   }
+  if (written) check_no_aliasing(op, name, tensors);
 }
 
 // A scalar operand such as found_inf, inv_scale or a scale factor: one element, floating point of an

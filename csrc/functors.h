@@ -2,6 +2,14 @@
 // the C++ CPU kernels and the CUDA kernels compute exactly the same thing, rounding included.
 #pragma once
 
+// -ffast-math / -Ofast let the compiler assume no inf or nan: the x - x probe folds to 0 and "a finite
+// sum means finite elements" stops holding, so overflow detection would vanish without a word. Every
+// kernel source includes this header, CPU and CUDA host code alike.
+#if defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__
+#error \
+    "fastamp: built with -ffast-math or -Ofast (__FINITE_MATH_ONLY__), which removes the kernels' inf/nan checks; remove those flags (CFLAGS, CXXFLAGS, extra_compile_args) and rebuild"
+#endif
+
 #include <cmath>
 #include <cstdint>
 

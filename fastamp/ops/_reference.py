@@ -78,6 +78,40 @@ def _check_tensor_list(
             )
         if written and t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
             _fail(op, f"{name}[{i}] has elements that share memory (e.g. an expand()ed tensor) and cannot be written in place")
+    if written:
+        _check_no_aliasing(op, name, tensors)
+
+
+def _is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense (ATen's is_non_overlapping_and_dense): a permutation of a contiguous layout."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _check_no_aliasing(op: str, name: str, tensors: Sequence[Tensor]) -> None:
+    """As csrc/checks.h: two entries of a written list must not share memory (the same view twice, or
+    dense tensors whose spans overlap); strided views with gaps are let be."""
+    views: dict = {}
+    spans = []
+    for i, t in enumerate(tensors):
+        if t.numel() == 0 or t.device.type == "meta":
+            continue
+        begin = t.data_ptr()
+        first = views.setdefault((begin, tuple(t.shape), t.stride()), i)
+        if first != i:
+            _fail(op, f"{name}[{first}] and {name}[{i}] are the same memory; each element would be written twice. "
+                      "Pass each tensor once")
+        if _is_dense(t):
+            spans.append((begin, begin + t.numel() * t.element_size(), i))
+    spans.sort()
+    for (begin, end, i), (next_begin, next_end, j) in zip(spans, spans[1:]):
+        if next_begin < end:
+            _fail(op, f"{name}[{min(i, j)}] and {name}[{max(i, j)}] overlap in memory; each shared element would be "
+                      "written twice. Pass each tensor once")
 
 
 def _check_scalar(op: str, name: str, t: Optional[Tensor], device: torch.device, allow_double: bool) -> None:

@@ -75,6 +75,42 @@ def test_expanded_tensor_cannot_be_written(impl, device):
         impl.unscale_check_([torch.ones(1, device=device).expand(10)], found, torch.tensor([0.5], device=device))
 
 
+def _aliased_lists(device):
+    t = torch.randn(12, device=device)
+    m = torch.randn(4, 6, device=device)
+    return {
+        "the same tensor twice": ([torch.randn(3, device=device), t, t], r"\[1\] and \w+\[2\] are the same memory"),
+        "overlapping slices": ([t[2:8], t[5:]], r"\[0\] and \w+\[1\] overlap in memory"),
+        "a tensor and its transpose": ([m, m.t()], r"\[0\] and \w+\[1\] overlap in memory"),
+    }
+
+
+@pytest.mark.parametrize("case", ["the same tensor twice", "overlapping slices", "a tensor and its transpose"])
+def test_entries_sharing_memory_are_refused_before_anything_is_written(impl, device, case):
+    """[t, t] used to be unscaled twice (t at a quarter); written ops now refuse it, naming both entries."""
+    tensors, message = _aliased_lists(device)[case]
+    before = [x.clone() for x in tensors]
+    found = torch.zeros(1, device=device)
+    half = torch.tensor([0.5], device=device)
+    with pytest.raises(RuntimeError, match="grads" + message):
+        impl.unscale_check_(tensors, found, half)
+    with pytest.raises(RuntimeError, match="grads" + message):
+        impl.unscale_check_norm_(tensors, found, half)
+    with pytest.raises(RuntimeError, match="tensors" + message):
+        impl.scale_(tensors, half)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, before)) and found.item() == 0.0
+    impl.grad_norm(tensors, None, found)  # reading twice is fine
+
+
+def test_views_that_share_no_element_are_accepted(impl, device):
+    t = torch.randn(12, device=device)
+    m = torch.randn(4, 6, device=device)
+    for tensors in ([t[::2], t[1::2]], [t[:6], t[6:]], [m[:2], m[2:]], [m[:, :3], m[:, 3:]]):
+        expected = [x.clone() * 0.5 for x in tensors]
+        impl.scale_(tensors, torch.tensor([0.5], device=device))
+        assert all(torch.equal(a, b) for a, b in zip(tensors, expected))
+
+
 def test_bad_update_scale_arguments(impl, device):
     scale, tracker = fresh_state(2.0, device)
     with pytest.raises(RuntimeError, match=r"hysteresis=2 needs a hysteresis_tracker"):
