@@ -110,7 +110,7 @@ class GradScaler(torch.amp.GradScaler):
         if spike_guard is not None and not isinstance(spike_guard, SpikeGuard):
             raise TypeError(f"fastamp.GradScaler: spike_guard must be a fastamp.SpikeGuard, got {type(spike_guard).__name__}")
         self.spike_guard = spike_guard
-        self._init_counts = {"overflows": 0, "spikes": 0}
+        self._init_counts = {"overflows": 0, "spikes": 0, "taken": 0}
         self._counts: Dict[str, Tensor] = {}
         self._reset_iteration()
 
@@ -451,6 +451,7 @@ class GradScaler(torch.amp.GradScaler):
             self._skipped_steps += skipped_now
             self._counts["overflows"] += overflow
             self._counts["spikes"] += skipped_now - overflow.to(skipped_now.device)
+            self._counts["taken"] += 1 - skipped_now
             self._last_found_inf = skipped
             if self.spike_guard is not None:
                 norm = self._observed_sq.sqrt() if self._observed_sq is not None else None
@@ -502,7 +503,8 @@ class GradScaler(torch.amp.GradScaler):
         if self._skipped_steps is not None:
             self._skipped_steps.fill_(self._init_skipped_steps)
         self._init_counts = {"overflows": int(state_dict.get("_overflow_steps", 0)),
-                             "spikes": int(state_dict.get("_spike_steps", 0))}
+                             "spikes": int(state_dict.get("_spike_steps", 0)),
+                             "taken": self._num_steps - self._init_skipped_steps}
         for key, counter in self._counts.items():
             counter.fill_(self._init_counts[key])
         if "spike_guard" in state_dict:
@@ -519,7 +521,8 @@ class GradScaler(torch.amp.GradScaler):
             state["_skipped_steps"] = None
             state["_last_found_inf"] = None
             _, overflows, spikes = self._read_counters()
-            state["_init_counts"] = {"overflows": overflows, "spikes": spikes}
+            state["_init_counts"] = {"overflows": overflows, "spikes": spikes,
+                                     "taken": self._num_steps - self._get_skipped_steps()}
             state["_counts"] = {}
             for key in ("_observed_sq", "_local_loss", "_global_loss", "_spike", "_param_norms"):
                 state[key] = None
@@ -684,6 +687,13 @@ class GradScaler(torch.amp.GradScaler):
         skipped, overflows, spikes = self._read_counters()
         return {"steps": self._num_steps, "taken": self._num_steps - skipped, "skipped": skipped, "overflows": overflows,
                 "spikes": spikes}
+
+    def taken_steps(self) -> Tensor:
+        """Device int64 counter of the optimizer steps taken (not skipped), for hand-written loops that
+        drive a schedule on the device; no host sync. Before the first :meth:`scale` (or when
+        disabled, where nothing is skipped) a CPU tensor of the step count."""
+        counter = self._counts.get("taken") if self._enabled else None
+        return counter if counter is not None else torch.tensor(self._num_steps - self._init_skipped_steps)
 
     def _read_counters(self) -> Tuple[int, int, int]:
         if self._skipped_steps is None:

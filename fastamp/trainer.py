@@ -26,6 +26,7 @@ from ._gradients import clip_gradients
 from ._metrics import StepHistory, StepTimer, memory_mb, training_statistics
 from ._plots import plot_dashboard
 from ._precision import autocast_dtype, normalize_precision
+from ._schedule import SkipAwareSchedule
 from .forensics import OverflowDiagnosis, OverflowWatch, diagnose_overflow_in_run
 from .grad_scaler import GradScaler
 from .ops import NonFiniteRecord, nonfinite_report
@@ -135,6 +136,10 @@ class FusedMixedPrecisionTrainer:
             :meth:`get_training_statistics`); the report says which step it is.
         spike_guard: a :class:`fastamp.SpikeGuard`: skip steps whose unscaled gradient norm (or loss)
             spikes, on the device, as overflows are skipped (bf16/fp32 get the guard scaler for it).
+        lr_scheduler: a torch LR scheduler over ``optimizer``, stepped after every taken optimizer step and
+            not after a skipped one (overflow, non-finite, spike); with a fused optimizer the schedule runs
+            on the device (no host sync) and the scheduler object catches up at the statistics' reads
+            (``get_training_statistics``, ``fit``'s logging, ``state_dict``). ``ReduceLROnPlateau`` is refused.
         log_grad_norms: keep each parameter's gradient norm from the clip's pass (:meth:`grad_norms`,
             and ``grad_norms`` in the statistics); no extra pass, no host sync until read.
         stuck_after: warn once (:class:`fastamp.TrainingStuckWarning`) after this many consecutive
@@ -172,6 +177,7 @@ class FusedMixedPrecisionTrainer:
         stuck_after: int = 20,
         spike_guard: Optional[SpikeGuard] = None,
         log_grad_norms: bool = False,
+        lr_scheduler: Optional[Any] = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -211,6 +217,8 @@ class FusedMixedPrecisionTrainer:
                 raise ValueError("fastamp.FusedMixedPrecisionTrainer: spike_guard given to both the trainer and its scaler")
             scaler.spike_guard = spike_guard
         self.log_grad_norms = bool(log_grad_norms)
+        self.lr_scheduler = lr_scheduler
+        self._schedule = SkipAwareSchedule(lr_scheduler, self.scaler) if lr_scheduler is not None else None
         min_scale = plan.min_scale
         self.skip_nonfinite = self.scaler.is_enabled()
         self.diagnose_overflows = bool(diagnose_overflows)
@@ -310,6 +318,8 @@ class FusedMixedPrecisionTrainer:
             grad_norm = self.scaler.clip_grad_norm_(self.optimizer, max_norm, per_param_norms=self.log_grad_norms)
             self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self._schedule is not None:  # after taken steps only; fused: on the device, no sync
+            self._schedule.after_step(self.scaler.last_step_skipped_if_known() if self.scaler.is_enabled() else False)
         optimizer_time = self._timer.stop(start)
         step_time = self._timer.stop(self._window_start)
         self.num_steps += 1
@@ -456,6 +466,8 @@ class FusedMixedPrecisionTrainer:
         steps), ``max_memory_mb``, ``tokens_per_second``.
         """
         self._diagnose_unread_steps()
+        if self._schedule is not None:
+            self._schedule.sync()
         stats: Dict[str, Any] = {
             "precision": self.precision,
             "loss_scaling": self.loss_scaling,
@@ -497,6 +509,8 @@ class FusedMixedPrecisionTrainer:
         rng: Dict[str, Any] = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self._schedule is not None:
+            self._schedule.sync()
         window = None
         if self._micro_step:
             window = {
@@ -515,6 +529,7 @@ class FusedMixedPrecisionTrainer:
             "precision": self.precision,
             "rng": rng,
             "window": window,
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -537,6 +552,10 @@ class FusedMixedPrecisionTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
+        if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self._schedule is not None:
+            self._schedule.reset()
         self.num_steps = int(state["step"])
         self._micro_step = int(state.get("micro_step", 0))
         if window is not None:
