@@ -97,6 +97,43 @@ def _attach(optimizer: Any, scaler: GradScaler) -> None:
     protocol (``__setstate__`` builds it whenever a scaler is present), as on an unpickled optimizer."""
     optimizer.scaler = scaler
     optimizer.__setstate__(optimizer.__getstate__())
+    _report_device_skips(optimizer)
+
+
+class _SkipFlag:
+    """``step_was_skipped`` of a fused optimizer: the scaler's device flag, read only when asked (the
+    Trainer asks when it reads the step's norm anyway)."""
+
+    def __init__(self, flag: Tensor) -> None:
+        self.flag = flag
+
+    def __bool__(self) -> bool:
+        return bool(self.flag.reshape(()).item() != 0)
+
+
+def _report_device_skips(optimizer: Any) -> None:
+    """Accelerate tells a skipped step by the optimizer's step not being called; a fused optimizer is
+    always called and skips on the device, so its ``step_was_skipped`` becomes that decision. The
+    optimizer's class becomes a subclass of its own that does this (so that ``step`` stays a method)."""
+    base = type(optimizer)
+    if getattr(base, "_fastamp_skip_aware", False):
+        return
+    name = f"SkipAware{base.__name__}"
+    cls = globals().get(name)
+    if cls is None:
+
+        def step(self: Any, closure: Any = None) -> Any:
+            result = base.step(self, closure)
+            scaler, raw = self.scaler, self.optimizer
+            if (isinstance(scaler, GradScaler) and scaler.is_enabled() and self.gradient_state.sync_gradients
+                    and getattr(raw, "_step_supports_amp_scaling", False) and scaler.found_inf is not None):
+                self._is_overflow = _SkipFlag(scaler.found_inf)
+            return result
+
+        cls = type(name, (base,), {"step": step, "_fastamp_skip_aware": True, "__module__": __name__,
+                                   "__qualname__": name})
+        globals()[name] = cls  # picklable by name
+    optimizer.__class__ = cls
 
 
 def apply_fastamp(target: Any, *, skip_nonfinite: bool = False, spike_guard: Optional[SpikeGuard] = None,
