@@ -97,7 +97,6 @@ class Layout:
     scaler: GradScaler
     # forward + backward of one batch, loss scaled by ``scale`` (pipeline and experts need their own)
     backward: Callable[[Tensor, Tensor, float], None]
-    clip: Optional[Callable[[torch.optim.Optimizer, float], Tensor]] = None  # default: scaler.clip_grad_norm_
     collectives_per_step: int = 1
     # "compare": stock's clip is right here, and fastamp must match it; "record": say what stock does
     stock_clip: str = "compare"
@@ -421,7 +420,7 @@ def run_layout(name: str, world: int) -> Dict[str, Any]:
     layout = LAYOUTS[name](world)
     model, scaler = layout.model, layout.scaler
     opt = torch.optim.SGD(model.parameters(), lr=LR, foreach=False)
-    clip = layout.clip or (lambda o, m: scaler.clip_grad_norm_(o, m))
+    clip = scaler.clip_grad_norm_
     result: Dict[str, Any] = {"layout": name, "world": world, **layout.notes}
 
     # Step 1, clean: the global norm against the fp64 norm of the assembled full gradients.
