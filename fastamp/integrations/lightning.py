@@ -36,6 +36,7 @@ from .. import ops
 from .._batch import LossFn
 from .._gradients import clip_gradients, local_grads, named_norms
 from .._metrics import memory_mb
+from .._schedule import SkipAwareSchedule
 from ..forensics import OverflowDiagnosis, OverflowWatch, diagnose_overflow_in_run
 from ..grad_scaler import GradScaler
 from ..spike_guard import SpikeGuard
@@ -128,6 +129,7 @@ class FusedMixedPrecision(MixedPrecision):
             return out
         if isinstance(_unwrap(optimizer), torch.optim.LBFGS):
             return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+        self._schedules_count_taken_steps(model)
         closure_result = closure()
         self._phase_start = time.perf_counter()
         skip_unscaling = closure_result is None and model.automatic_optimization
@@ -208,7 +210,45 @@ class FusedMixedPrecision(MixedPrecision):
         with self.autocast_context_manager():
             yield
 
+    # ---- LR schedules: skipped steps do not count ------------------------------------------------------
+
+    def _schedules_count_taken_steps(self, module: Any) -> None:
+        """Lightning steps its schedulers after every optimizer step, taken or skipped. Its hook
+        ``lr_scheduler_step`` is answered here for step-interval schedulers: they advance after taken
+        steps only (fused optimizers: on the device, see fastamp._schedule; the scheduler objects catch
+        up at the end of fit and at checkpoints)."""
+        scaler = self._fastamp_scaler()
+        if scaler is None or getattr(module, "_fastamp_schedules", None) is not None:
+            return
+        trainer = getattr(module, "_trainer", None)
+        configs = [c for c in getattr(trainer, "lr_scheduler_configs", []) if c.interval == "step" and c.frequency == 1]
+        schedules = {id(c.scheduler): SkipAwareSchedule(c.scheduler, scaler) for c in configs
+                     if not isinstance(c.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)}
+        original = module.lr_scheduler_step
+        self._schedules = schedules
+
+        def lr_scheduler_step(scheduler: Any, metric: Any) -> None:
+            schedule = schedules.get(id(scheduler))
+            if schedule is None:
+                return original(scheduler, metric)
+            schedule.after_step(scaler.last_step_skipped_if_known())
+
+        module.lr_scheduler_step = lr_scheduler_step
+        module._fastamp_schedules = schedules
+
+    def _sync_schedules(self) -> None:
+        for schedule in getattr(self, "_schedules", {}).values():
+            schedule.sync()
+
+    def teardown(self) -> None:
+        self._sync_schedules()
+        super().teardown()
+
     # ---- checkpoints: compatible with the stock plugin both ways -----------------------------------
+
+    def state_dict(self) -> Dict[str, Any]:
+        self._sync_schedules()  # Lightning saves the schedulers' states around this call
+        return super().state_dict()
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         # One copy of the scaler state, under the stock plugin's key, so that either plugin resumes from it.

@@ -300,3 +300,25 @@ def test_the_spike_guard_skips_a_spike_and_the_monitor_logs_per_parameter_norms(
     assert {k.split("/", 1)[1] for k in logged if k.startswith("grad_norm/")} == names
     norms = plugin.grad_norms(module)
     assert set(norms) == names and all(v > 0 for v in norms.values())
+
+
+class ScheduledRegression(Regression):
+    """StepLR(gamma=0.9) stepped by Lightning every optimizer step; a NaN gradient at step 4."""
+
+    def _maybe_inject(self, grad):
+        return grad * math.nan if self.global_step == 4 else grad
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=0.1, fused=self.fused or None, foreach=None if self.fused else True)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler, "interval": "step"}}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_skipped_step_does_not_advance_lightnings_schedule(fused):
+    module = ScheduledRegression(fused=fused)
+    plugin = FusedMixedPrecision("bf16-mixed", "cpu", skip_nonfinite=True)
+    fit(module, plugin, max_steps=10, clip=1.0)
+    assert plugin.scaler.step_counts()["skipped"] == 1
+    assert module.scheduler.last_epoch == 9
+    assert float(module.scheduler.optimizer.param_groups[0]["lr"]) == pytest.approx(0.1 * 0.9**9, rel=1e-6)
