@@ -183,6 +183,19 @@ class GradScaler(torch.amp.GradScaler):
             return found_inf
         return torch.maximum(found_inf.reshape(()), spike.to(found_inf.device).reshape(())).reshape(found_inf.shape)
 
+    # torch's own versions of these live under torch/amp, which torch.compile does not trace: the same
+    # few lines here keep the optimizer-side step traceable whole.
+    def _check_scale_growth_tracker(self, funcname: str) -> Tuple[Tensor, Tensor]:
+        fix = "This may indicate your script did not use scaler.scale(loss or outputs) earlier in the iteration."
+        if self._scale is None:
+            raise AssertionError(f"Attempted {funcname} but _scale is None.  " + fix)
+        if self._growth_tracker is None:
+            raise AssertionError(f"Attempted {funcname} but _growth_tracker is None.  " + fix)
+        return (self._scale, self._growth_tracker)
+
+    def _get_scale_async(self) -> Optional[Tensor]:
+        return self._scale
+
     def _inv_scale(self) -> Tensor:
         # The reciprocal in fp64, as PyTorch takes it, so that unscaled fp32 grads match it bit for bit.
         assert self._scale is not None

@@ -832,3 +832,20 @@ def test_update_with_a_new_scale_raises_what_torch_raises(new_scale):
             scaler.update(new_scale)
         errors.append((type(info.value), str(info.value)))
     assert errors[0] == errors[1]
+
+
+@pytest.mark.slow
+def test_clip_grad_norm_compiles_whole_and_matches_eager():
+    """torch.compile(fullgraph=True) of the fused clip (torch skips tracing torch/amp; fastamp's scaler
+    keeps the few helpers it calls in its own file). The optimizer's step itself still graph-breaks:
+    torch.optim wraps every step in torch._dynamo.graph_break() calls."""
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        scaler = GradScaler("cpu", init_scale=4.0)
+        scaler.scale(model(torch.randn(2, 8)).sum()).backward()
+        clip = lambda: scaler.clip_grad_norm_(opt, 1.0)  # noqa: E731
+        results.append(torch.compile(clip, fullgraph=True)() if compiled else clip())
+    assert torch.equal(results[0], results[1])
