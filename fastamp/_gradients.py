@@ -49,7 +49,6 @@ __all__ = [
     "named_norms",
     "norm_and_check",
     "reduce_across_ranks",
-    "reduce_found_inf_across_ranks",
     "scale_grads_",
     "split_for_kernels",
     "unscale_check_grads_",
@@ -396,13 +395,6 @@ def reduce_across_ranks(local_norm: Tensor, found_inf: Tensor, group: Optional[A
     if extra is None:
         return norm, found
     return norm, found, packed[2:].reshape(extra.shape)
-
-
-def reduce_found_inf_across_ranks(found_inf: Tensor, group: Optional[Any] = None) -> Tensor:
-    """found_inf from every rank (any rank's overflow skips the step everywhere): one all-reduce."""
-    flag = found_inf.reshape(()).float().clone()
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return flag.reshape(found_inf.shape)
 
 
 def unscale_check_grads_(grads: List[Tensor], found_inf: Tensor, inv_scale: Tensor) -> None:

@@ -41,7 +41,6 @@ from ._gradients import (
     named_norms,
     norm_and_check,
     reduce_across_ranks,
-    reduce_found_inf_across_ranks,
     unscale_check_grads_,
     unscale_check_norm_grads_,
 )
@@ -260,30 +259,24 @@ class GradScaler(torch.amp.GradScaler):
         counted norms of this pass, made global in the same collective and handed to the guard."""
         assert self._scale is not None
         home = self._scale.device
-        extra = self._loss_to_reduce(grads)
-        if norms is None and extra is None:
-            if not grads.crosses_ranks:
-                return flags
-            if flags:
-                local = torch.stack([f.to(home, non_blocking=True).reshape(()) for f in flags.values()]).amax()
-            else:
-                local = torch.zeros((), dtype=torch.float32, device=home)
-            found = reduce_found_inf_across_ranks(local, grads.group)
+        if norms is not None and norms:
+            local_norm = torch.stack([n.to(home).double().square() for n in norms]).sum().sqrt()
         else:
-            local_norm = (torch.stack([n.to(home).double().square() for n in norms]).sum().sqrt() if norms
-                          else torch.zeros((), dtype=torch.float64, device=home))
-            local = (torch.stack([f.to(home).reshape(()) for f in flags.values()]).amax() if flags
-                     else torch.zeros((), dtype=torch.float32, device=home))
-            if grads.crosses_ranks:
-                reduced = reduce_across_ranks(local_norm, local, grads.group, extra)
-                total, found = reduced[0], reduced[1]
-                group_size = dist.get_world_size(grads.group) if extra is not None else 1
-                self._observe(total if norms is not None else None, reduced[2] if extra is not None else None, group_size)
-            else:
-                found = local
-                self._observe(local_norm if norms is not None else None)
-            if not grads.crosses_ranks:
-                return flags
+            local_norm = torch.zeros((), dtype=torch.float64, device=home)
+        if not grads.crosses_ranks:
+            if norms is not None:
+                self._observe(local_norm)
+            return flags
+        if flags:
+            local = torch.stack([f.to(home, non_blocking=True).reshape(()) for f in flags.values()]).amax()
+        else:
+            local = torch.zeros((), dtype=torch.float32, device=home)
+        extra = self._loss_to_reduce(grads)
+        reduced = reduce_across_ranks(local_norm, local, grads.group, extra)
+        found = reduced[1]
+        if norms is not None or extra is not None:
+            group_size = dist.get_world_size(grads.group) if extra is not None else 1
+            self._observe(reduced[0] if norms is not None else None, reduced[2] if extra is not None else None, group_size)
         if not flags:
             return {home: found}
         return {d: (found if d == home else found.to(d, non_blocking=True)) for d in flags}
@@ -490,11 +483,10 @@ class GradScaler(torch.amp.GradScaler):
                 "min_scale": self._min_scale,
                 "max_scale": self._max_scale,
                 "_num_steps": self._num_steps,
-                "_skipped_steps": self._get_skipped_steps(),
             }
         )
-        _, overflows, spikes = self._read_counters()
-        state.update({"_overflow_steps": overflows, "_spike_steps": spikes})
+        skipped, overflows, spikes = self._read_counters()  # one read of the device counters
+        state.update({"_skipped_steps": skipped, "_overflow_steps": overflows, "_spike_steps": spikes})
         if self.spike_guard is not None:
             state["spike_guard"] = self.spike_guard.state_dict()
         return state
@@ -529,13 +521,12 @@ class GradScaler(torch.amp.GradScaler):
         state = super().__getstate__()
         if self._enabled:
             state["_init_hysteresis_tracker"] = self._get_hysteresis_tracker()
-            state["_init_skipped_steps"] = self._get_skipped_steps()
+            skipped, overflows, spikes = self._read_counters()
+            state["_init_skipped_steps"] = skipped
             state["_hysteresis_tracker"] = None
             state["_skipped_steps"] = None
             state["_last_found_inf"] = None
-            _, overflows, spikes = self._read_counters()
-            state["_init_counts"] = {"overflows": overflows, "spikes": spikes,
-                                     "taken": self._num_steps - self._get_skipped_steps()}
+            state["_init_counts"] = {"overflows": overflows, "spikes": spikes, "taken": self._num_steps - skipped}
             state["_counts"] = {}
             for key in ("_observed_sq", "_local_loss", "_global_loss", "_spike", "_param_norms"):
                 state[key] = None
@@ -545,11 +536,6 @@ class GradScaler(torch.amp.GradScaler):
         if self._hysteresis_tracker is None:
             return self._init_hysteresis_tracker
         return int(self._hysteresis_tracker.item())
-
-    def _get_skipped_steps(self) -> int:
-        if self._skipped_steps is None:
-            return self._init_skipped_steps
-        return int(self._skipped_steps.item())
 
     # ---- beyond PyTorch --------------------------------------------------------------------------
 

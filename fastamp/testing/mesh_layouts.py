@@ -183,25 +183,20 @@ def _hsdp(world: int) -> Layout:
     return Layout(model, ShardedGradScaler("cpu", init_scale=SCALE), _plain_backward(model))
 
 
-def _tp(world: int, replicate_norms: bool) -> Layout:
+def _tp(world: int, replicate_norms: bool, fsdp: bool = False) -> Layout:
+    """TP over all ranks, or FSDP x TP on a (dp 2, tp world/2) mesh."""
     model = make_model()
-    tp_plan(model, make_mesh((world,), ("tp",)), replicate_norms)
+    if fsdp:
+        mesh = make_mesh((2, world // 2), ("dp", "tp"))
+        tp_plan(model, mesh["tp"], replicate_norms)
+        fully_shard_model(model, mesh["dp"])
+    else:
+        tp_plan(model, make_mesh((world,), ("tp",)), replicate_norms)
     layout = Layout(model, ShardedGradScaler("cpu", init_scale=SCALE), _plain_backward(model),
                     stock_clip="compare" if replicate_norms else "record")
     if not replicate_norms:
-        layout.notes["plain LayerNorm/head"] = "replicas over the tp mesh ('auto')"
-    return layout
-
-
-def _fsdp_tp(world: int, replicate_norms: bool) -> Layout:
-    mesh = make_mesh((2, world // 2), ("dp", "tp"))
-    model = make_model()
-    tp_plan(model, mesh["tp"], replicate_norms)
-    fully_shard_model(model, mesh["dp"])
-    layout = Layout(model, ShardedGradScaler("cpu", init_scale=SCALE), _plain_backward(model),
-                    stock_clip="compare" if replicate_norms else "record")
-    if not replicate_norms:
-        layout.notes["plain LayerNorm/head"] = "sharded on the dp sub-mesh, replicas over tp; stock raises"
+        layout.notes["plain LayerNorm/head"] = ("sharded on the dp sub-mesh, replicas over tp" if fsdp
+                                                else "replicas over the tp mesh ('auto')")
     return layout
 
 
@@ -347,8 +342,8 @@ LAYOUTS: Dict[str, Callable[[int], Layout]] = {
     "hsdp": _hsdp,
     "tp": lambda w: _tp(w, True),
     "tp_plain_norms": lambda w: _tp(w, False),
-    "fsdp_tp": lambda w: _fsdp_tp(w, True),
-    "fsdp_tp_plain_norms": lambda w: _fsdp_tp(w, False),
+    "fsdp_tp": lambda w: _tp(w, True, fsdp=True),
+    "fsdp_tp_plain_norms": lambda w: _tp(w, False, fsdp=True),
     "pp_ddp": lambda w: _pipeline(w, False),
     "pp_fsdp": lambda w: _pipeline(w, True),
     "experts": lambda w: _experts(w, False),
