@@ -78,9 +78,10 @@ static_assert(sizeof(TensorRanges) <= 32764, "TensorRanges exceeds the 32 KB ker
 static_assert(sizeof(TensorRanges) <= 4096, "TensorRanges exceeds the 4 KB kernel parameter limit");
 #endif
 
-// One warp per tensor: lanes stride over the tensor's partials in order, then a fixed shuffle tree.
-__global__ void per_tensor_sums_kernel(const FASTAMP_GRID_CONSTANT TensorRanges ranges, const float* partials,
-                                       double* per_tensor_sums) {
+// One warp per tensor: lanes stride over the tensor's partials in order, then a fixed shuffle tree;
+// lane 0 writes the tensor's norm.
+__global__ void per_tensor_norms_kernel(const FASTAMP_GRID_CONSTANT TensorRanges ranges, const float* partials,
+                                        float* per_tensor_norms) {
   const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (warp >= ranges.count) return;  // uniform per warp
@@ -89,19 +90,14 @@ __global__ void per_tensor_sums_kernel(const FASTAMP_GRID_CONSTANT TensorRanges 
   for (int64_t b = lane; b < ranges.num_chunks[warp]; b += 32) sum += static_cast<double>(partials[first + b]);
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
-  if (lane == 0) per_tensor_sums[ranges.first_tensor + warp] = sum;
+  if (lane == 0) per_tensor_norms[ranges.first_tensor + warp] = static_cast<float>(sqrt(sum));
 }
 
-// One block: total = sqrt(sum of values) in fp64; optionally per-entry norms sqrt(values[i]).
-template <typename In>
-__global__ void __launch_bounds__(kFinishThreads)
-    finish_kernel(const In* values, int64_t n, float* total_out, float* per_entry_norms) {
+// One block: total = sqrt(sum of the partials) in fp64, in one fixed order whether or not per-tensor
+// norms were asked for.
+__global__ void __launch_bounds__(kFinishThreads) finish_kernel(const float* partials, int64_t n, float* total_out) {
   double sum = 0.0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const double v = static_cast<double>(values[i]);
-    sum += v;
-    if (per_entry_norms != nullptr) per_entry_norms[i] = static_cast<float>(sqrt(v));
-  }
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += static_cast<double>(partials[i]);
   const double total = block_sum(sum);
   if (threadIdx.x == 0) *total_out = static_cast<float>(sqrt(total));
 }
@@ -118,15 +114,10 @@ void launch_unscale_sum_squares(const std::vector<DeviceTensor>& tensors, const 
   multi_tensor_apply(tensors, plan, UnscaleCheckNormOp{found_inf, inv_scale, partials}, stream);
 }
 
-void launch_finish_norms(const float* partials, const MultiTensorPlan& plan, double* per_tensor_sums, float* total_out,
-                         float* per_tensor_out, cudaStream_t stream) {
-  if (per_tensor_out == nullptr) {
-    finish_kernel<float><<<1, kFinishThreads, 0, stream>>>(partials, plan.total_blocks, total_out, nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
+void launch_finish_norms(const float* partials, const MultiTensorPlan& plan, float* total_out, float* per_tensor_out,
+                         cudaStream_t stream) {
   const int64_t n = static_cast<int64_t>(plan.first_block.size());
-  for (int64_t start = 0; start < n; start += kMaxTensorsPerNormLaunch) {
+  for (int64_t start = 0; per_tensor_out != nullptr && start < n; start += kMaxTensorsPerNormLaunch) {
     TensorRanges ranges;
     ranges.first_tensor = static_cast<int32_t>(start);
     ranges.count = static_cast<int32_t>(std::min<int64_t>(kMaxTensorsPerNormLaunch, n - start));
@@ -136,10 +127,10 @@ void launch_finish_norms(const float* partials, const MultiTensorPlan& plan, dou
     }
     constexpr int kWarpsPerBlock = 8;
     const unsigned blocks = static_cast<unsigned>((ranges.count + kWarpsPerBlock - 1) / kWarpsPerBlock);
-    per_tensor_sums_kernel<<<blocks, kWarpsPerBlock * 32, 0, stream>>>(ranges, partials, per_tensor_sums);
+    per_tensor_norms_kernel<<<blocks, kWarpsPerBlock * 32, 0, stream>>>(ranges, partials, per_tensor_out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  finish_kernel<double><<<1, kFinishThreads, 0, stream>>>(per_tensor_sums, n, total_out, per_tensor_out);
+  finish_kernel<<<1, kFinishThreads, 0, stream>>>(partials, plan.total_blocks, total_out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

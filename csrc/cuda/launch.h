@@ -49,10 +49,10 @@ void launch_sum_squares(const std::vector<DeviceTensor>& tensors, const MultiTen
 void launch_unscale_sum_squares(const std::vector<DeviceTensor>& tensors, const MultiTensorPlan& plan, float* found_inf,
                                 const float* inv_scale, float* partials, cudaStream_t stream);
 
-// Fixed-order second stage: total = sqrt(sum of partials); with per_tensor_out, each tensor's norm from
-// its block range (per_tensor_sums is an fp64 workspace of one entry per tensor).
-void launch_finish_norms(const float* partials, const MultiTensorPlan& plan, double* per_tensor_sums, float* total_out,
-                         float* per_tensor_out, cudaStream_t stream);
+// Fixed-order second stage: total = sqrt(sum of partials), the same bits whether or not per_tensor_out
+// (may be null) also asks for each tensor's norm from its block range.
+void launch_finish_norms(const float* partials, const MultiTensorPlan& plan, float* total_out, float* per_tensor_out,
+                         cudaStream_t stream);
 
 // t *= *factor in place, unless found_inf (may be null) is set.
 void launch_scale(const std::vector<DeviceTensor>& tensors, const MultiTensorPlan& plan, const float* factor,

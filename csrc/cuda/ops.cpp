@@ -49,10 +49,7 @@ std::tuple<at::Tensor, at::Tensor> norms(const Prepared& prepared, const at::Dev
   launch_stage_one(partials.data_ptr<float>());
   at::Tensor total = at::empty({}, float_options);
   at::Tensor per = at::empty({per_tensor ? n : 0}, float_options);
-  at::Tensor per_tensor_sums;
-  if (per_tensor) per_tensor_sums = at::empty({n}, float_options.dtype(at::kDouble));
-  launch_finish_norms(partials.data_ptr<float>(), prepared.flat.plan,
-                      per_tensor ? per_tensor_sums.data_ptr<double>() : nullptr, total.data_ptr<float>(),
+  launch_finish_norms(partials.data_ptr<float>(), prepared.flat.plan, total.data_ptr<float>(),
                       per_tensor ? per.data_ptr<float>() : nullptr, stream);
   return {total, per};
 }

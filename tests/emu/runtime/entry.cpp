@@ -1,0 +1,111 @@
+// extern "C" entry points over csrc/cuda/launch.h for the emulated build, called through ctypes on CPU
+// tensors' memory. Each does what csrc/cuda/ops.cpp does around the same launches (the plan with the
+// CUDA launch limits, the workspace, the two norm stages), minus ATen: the Python side validates and
+// makes the tensors dense. A launch error comes back as a nonzero return and emu_error().
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "csrc/cuda/launch.h"
+#include "csrc/cuda/multi_tensor_apply.cuh"
+
+using namespace fastamp::cuda;
+
+namespace {
+
+thread_local std::string g_error;
+
+template <typename F>
+int guarded(F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    g_error = e.what();
+    return 1;
+  }
+}
+
+struct List {
+  std::vector<DeviceTensor> tensors;
+  fastamp::MultiTensorPlan plan;
+  List(void** data, const int64_t* numel, const int* dtype, int n) {
+    std::vector<int64_t> numels(numel, numel + n);
+    for (int i = 0; i < n; ++i) tensors.push_back({data[i], numel[i], static_cast<DType>(dtype[i])});
+    plan = fastamp::plan_multi_tensor(numels, kChunkSize, kMaxTensorsPerLaunch, kMaxBlocksPerLaunch);
+  }
+};
+
+// Partials start as NaN, so that a block that never writes its partial shows in the total.
+std::vector<float> partials_for(const List& list) {
+  return std::vector<float>(static_cast<size_t>(list.plan.total_blocks), std::numeric_limits<float>::quiet_NaN());
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* emu_error() { return g_error.c_str(); }
+int emu_block_threads() { return kBlockThreads; }
+long long emu_chunk_size() { return kChunkSize; }
+int emu_max_tensors_per_launch() { return kMaxTensorsPerLaunch; }
+int emu_max_blocks_per_launch() { return kMaxBlocksPerLaunch; }
+
+int emu_unscale_check(void** data, const int64_t* numel, const int* dtype, int n, float* found_inf,
+                      const float* inv_scale) {
+  return guarded([&] {
+    List list(data, numel, dtype, n);
+    launch_unscale_check(list.tensors, list.plan, found_inf, inv_scale, nullptr);
+  });
+}
+
+int emu_grad_norm(void** data, const int64_t* numel, const int* dtype, int n, const float* inv_scale, float* found_inf,
+                  float* total, float* per_tensor) {
+  return guarded([&] {
+    if (n == 0) {
+      *total = 0.0f;
+      return;
+    }
+    List list(data, numel, dtype, n);
+    std::vector<float> partials = partials_for(list);
+    launch_sum_squares(list.tensors, list.plan, inv_scale, found_inf, partials.data(), nullptr);
+    launch_finish_norms(partials.data(), list.plan, total, per_tensor, nullptr);
+  });
+}
+
+int emu_unscale_check_norm(void** data, const int64_t* numel, const int* dtype, int n, float* found_inf,
+                           const float* inv_scale, float* total, float* per_tensor) {
+  return guarded([&] {
+    if (n == 0) {
+      *total = 0.0f;
+      return;
+    }
+    List list(data, numel, dtype, n);
+    std::vector<float> partials = partials_for(list);
+    launch_unscale_sum_squares(list.tensors, list.plan, found_inf, inv_scale, partials.data(), nullptr);
+    launch_finish_norms(partials.data(), list.plan, total, per_tensor, nullptr);
+  });
+}
+
+int emu_scale(void** data, const int64_t* numel, const int* dtype, int n, const float* factor, const float* found_inf) {
+  return guarded([&] {
+    List list(data, numel, dtype, n);
+    launch_scale(list.tensors, list.plan, factor, found_inf, nullptr);
+  });
+}
+
+int emu_clip_coef(const void* total_norm, void* coef, int fp64, double max_norm, double eps) {
+  return guarded([&] { launch_clip_coef(total_norm, coef, fp64 != 0, max_norm, eps, nullptr); });
+}
+
+int emu_update_scale(float* scale, int32_t* growth_tracker, int32_t* hysteresis_tracker, const float* found_inf,
+                     double growth_factor, double backoff_factor, long long growth_interval, long long hysteresis,
+                     double min_scale, double max_scale) {
+  return guarded([&] {
+    launch_update_scale(fastamp::ScaleUpdate{scale, growth_tracker, hysteresis_tracker, found_inf, growth_factor,
+                                             backoff_factor, growth_interval, hysteresis, min_scale, max_scale},
+                        nullptr);
+  });
+}
+}
