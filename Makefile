@@ -2,6 +2,8 @@
 #   make demo   builds fastamp in .venv and runs the main job
 #   make test   builds fastamp in .venv and runs the whole test suite (slow cases included)
 #   make docs   builds the documentation site (docs/_build/html), warnings as errors
+#   make emu-test   the CUDA kernels executed by the CPU emulator (tests/emu), every op and block shape
+#   make emu-sanitize   the emulated kernels under ASan, UBSan and TSan; emu-mutation: planted bugs caught
 #   make gpu-check OUT=dir   on a GPU machine, with the torch already there: build, check, test, sanitize, bench
 # Re-running is quick: nothing is reinstalled or rebuilt unless its inputs changed.
 #
@@ -24,7 +26,7 @@ OUT ?= gpu-check-results
 
 CXX_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \))
 
-.PHONY: demo test test-fast bench info gpu-check lint docs clean
+.PHONY: demo test test-fast emu-test emu-sanitize emu-mutation bench info gpu-check lint docs clean
 
 demo: $(BUILD_STAMP)
 	$(VENV)/bin/fastamp info
@@ -34,11 +36,22 @@ info: $(BUILD_STAMP)
 	$(VENV)/bin/fastamp info
 
 test: $(BUILD_STAMP)
-	FASTAMP_EXPECT_EXTENSION=1 FASTAMP_EXPECT_CUDA_KERNELS=$$($(PY) -c 'import setup; print(int(setup.cuda_build_expected()))') \
+	FASTAMP_EXPECT_EXTENSION=1 FASTAMP_EXPECT_EMULATOR=1 FASTAMP_EXPECT_CUDA_KERNELS=$$($(PY) -c 'import setup; print(int(setup.cuda_build_expected()))') \
 		$(PY) -m pytest tests
 
 test-fast: $(BUILD_STAMP)
 	FASTAMP_EXPECT_EXTENSION=1 $(PY) -m pytest tests -m "not slow"
+
+# fastamp's CUDA kernels run on this CPU (tests/emu: a CUDA-semantics runtime, g++ against torch's c10).
+emu-test: $(BUILD_STAMP)
+	FASTAMP_EXPECT_EMULATOR=1 $(PY) -m pytest tests/emu -m "not slow" -q
+
+emu-sanitize: $(BUILD_STAMP)
+	FASTAMP_EXPECT_EMULATOR=1 $(PY) -m pytest tests/emu/test_sanitize.py -q
+
+# Plants one bug of each class in a copy of csrc/cuda and shows the emulator suite catches each.
+emu-mutation: $(BUILD_STAMP)
+	$(PY) tools/emu_mutation.py --out benchmarks/results/emu-mutation.md
 
 # For a GPU machine with torch installed and no network: no venv, no downloads; PYTHON's torch as it is.
 gpu-check:

@@ -115,7 +115,8 @@ def build(variant: str = "default", sanitize: Optional[str] = None, csrc: Option
     """Builds (or finds cached) the emulated kernels; returns the shared library's path. ``extra_sources``:
     more .cu files compiled the same way (the runtime's own tests' faulty kernels)."""
     extra_sources = [Path(p).resolve() for p in extra_sources]
-    csrc = Path(csrc or ROOT / "csrc")
+    # FASTAMP_EMU_CSRC: another csrc/ tree (tools/emu_mutation.py's mutants), for every build of the run.
+    csrc = Path(csrc or os.environ.get("FASTAMP_EMU_CSRC") or ROOT / "csrc")
     v = VARIANTS[variant]
     torch_include, torch_lib = _torch_dirs()
     flags = _flags(v, sanitize, torch_include)

@@ -55,7 +55,7 @@ __global__ void out_of_mask_read_kernel(int* out) {
 }
 
 __global__ void mask_without_own_lane_kernel(int* out) {
-  out[threadIdx.x] = __shfl_down_sync(0x1u, static_cast<int>(threadIdx.x), 1);
+  out[threadIdx.x] = __shfl_sync(0x1u, static_cast<int>(threadIdx.x), 0);  // only lane 0 is in the mask
 }
 
 __global__ void deadlock_kernel(int* out) {
