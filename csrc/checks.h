@@ -150,6 +150,14 @@ inline void validate_clip_coef(const char* op, const at::Tensor& total_norm, dou
   TORCH_CHECK(eps >= 0.0, "fastamp.", op, ": eps must be non-negative, got ", eps);
 }
 
+inline void validate_clip_norm(const char* op, at::TensorList grads, double max_norm,
+                               const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& found_inf,
+                               double eps) {
+  validate_grad_norm(op, grads, inv_scale, found_inf);
+  TORCH_CHECK(max_norm >= 0.0, "fastamp.", op, ": max_norm must be non-negative, got ", max_norm);
+  TORCH_CHECK(eps >= 0.0, "fastamp.", op, ": eps must be non-negative, got ", eps);
+}
+
 inline void validate_scale(const char* op, at::TensorList tensors, const at::Tensor& factor,
                            const std::optional<at::Tensor>& found_inf) {
   const at::Device device = factor.device();

@@ -14,6 +14,10 @@ through :func:`clip_gradients`:
    whatever the number of meshes and dtypes, so that every rank gets the same norm and flag bit for bit;
 5. the clip coefficient, and the factor that unscales and clips in one multiply.
 
+Where everything is on one device and nothing crosses ranks (the common single-GPU step), 3-5 are one
+op, ``ops.clip_norm``: on CUDA the norm's finishing kernel also writes the coefficient and the factor,
+so a clipped step is the norm pass, one finish and the scale pass (none with a fused optimizer).
+
 The caller then either folds the factor into a fused optimizer's ``grad_scale`` or writes it
 (:func:`scale_grads_`, nothing written on overflow). Clipping switched off (``max_norm`` None, 0 or
 inf) means no coefficient at all: the factor is exactly ``inv_scale`` (or nothing), never
@@ -523,6 +527,24 @@ def clipping_enabled(max_norm: Optional[float]) -> bool:
     return max_norm is not None and 0 < float(max_norm) < math.inf
 
 
+def _raise_if_nonfinite(total_norm: Tensor) -> None:
+    # torch.nn.utils.clip_grad_norm_'s check and text (a host sync, as there).
+    if bool(torch.logical_or(total_norm.isnan(), total_norm.isinf())):
+        raise RuntimeError(
+            "The total norm of order 2.0 for gradients from `parameters` is non-finite, so it cannot be "
+            "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
+            "`error_if_nonfinite=False`"
+        )
+
+
+def _clip_in_one_pass(grads: LocalGrads, devices: List[torch.device], max_norm: Optional[float],
+                      home: torch.device) -> bool:
+    """Whether the coefficient and the factor can come from the norm's own finish (``ops.clip_norm``):
+    one device, which is home, nothing to reduce across ranks, every gradient one the kernels take."""
+    return (clipping_enabled(max_norm) and not grads.crosses_ranks and devices == [home]
+            and not grads.duplicates.get(home) and all(kernel_handles(g) for g in grads.counted.get(home, [])))
+
+
 def clip_gradients(
     grads: Union[LocalGrads, Dict[torch.device, List[Tensor]]],
     max_norm: Optional[float],
@@ -548,6 +570,17 @@ def clip_gradients(
     devices = list(dict.fromkeys([*grads.counted, *grads.duplicates]))
     if home is None:
         home = inv_scale.device if inv_scale is not None else next(iter(devices), torch.device("cpu"))
+    home = torch.device(home)
+    if _clip_in_one_pass(grads, devices, max_norm, home):
+        with torch.no_grad():
+            found_inf = torch.zeros((), dtype=torch.float32, device=home)
+            total_norm, per, coef, factor = ops.clip_norm(grads.counted.get(home, []), float(max_norm), inv_scale,
+                                                          found_inf, per_tensor=per_param_norms)
+            total_norm = total_norm.float()
+            if error_if_nonfinite:
+                _raise_if_nonfinite(total_norm)
+        per_param_one = [(grads.counted_params.get(home, []), per.float())] if per_param_norms else None
+        return ClipResult(total_norm, found_inf, {home: found_inf}, coef, factor, per_param_one, extra)
     inv_scales = PerDevice(inv_scale) if inv_scale is not None else None
     flags: Dict[torch.device, Tensor] = {}
     norms: List[Tensor] = []
@@ -585,12 +618,8 @@ def clip_gradients(
             total_norm, found_inf, extra = reduce_across_ranks(total_norm, found_inf, grads.group, extra)
         elif grads.crosses_ranks:
             total_norm, found_inf = reduce_across_ranks(total_norm, found_inf, grads.group)
-        if error_if_nonfinite and bool(torch.logical_or(total_norm.isnan(), total_norm.isinf())):
-            raise RuntimeError(
-                "The total norm of order 2.0 for gradients from `parameters` is non-finite, so it cannot be "
-                "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
-                "`error_if_nonfinite=False`"
-            )
+        if error_if_nonfinite:
+            _raise_if_nonfinite(total_norm)
         coef = ops.clip_coef(total_norm, float(max_norm)).float() if clipping_enabled(max_norm) else None
         if coef is None:
             factor = inv_scale

@@ -806,10 +806,15 @@ def test_a_scaler_pinned_at_one_is_the_nonfinite_guard_of_a_bf16_loop_in_one_rea
                 guard.clip_grad_norm_(opt, 0.5)
             guard.step(opt)
             guard.update()
-        # One pass over the gradients to decide (the clip's norm, or the check), and one write only where a
-        # clip rescales a non-fused optimizer's gradients (fused ones take the factor in their step).
-        passes = [c for c in counter.calls if c in ("grad_norm", "unscale_check_", "unscale_check_norm_", "scale_")]
-        assert passes[0] in ("grad_norm", "unscale_check_") and len(passes) == (2 if clip and not fused else 1), passes
+        # One pass over the gradients to decide (the clip's norm with its coefficient and factor, or the
+        # check), and one write only where a clip rescales a non-fused optimizer's gradients (fused ones
+        # take the factor in their step). No separate clip_coef: the norm's op computes it.
+        passes = [c for c in counter.calls if c in ("grad_norm", "clip_norm", "clip_coef", "unscale_check_",
+                                                    "unscale_check_norm_", "scale_")]
+        if clip:
+            assert passes == (["clip_norm"] if fused else ["clip_norm", "scale_"]), passes
+        else:
+            assert len(passes) == 1 and passes[0] in ("grad_norm", "unscale_check_"), passes
         if step == 2:
             for a, b in zip(model.parameters(), before):
                 assert torch.equal(a, b)

@@ -2,6 +2,8 @@
 // file validates the inputs (before anything is modified) and calls the kernels.
 #include <torch/library.h>
 
+#include <ATen/ops/mul.h>
+
 #include "../checks.h"
 #include "kernels.h"
 
@@ -30,6 +32,18 @@ at::Tensor clip_coef_op(const at::Tensor& total_norm, double max_norm, double ep
   return clip_coef(total_norm, max_norm, eps);
 }
 
+// The CPU has no launches to save: grad_norm, then the coefficient and the factor from its total.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_norm_op(at::TensorList grads, double max_norm,
+                                                                        const std::optional<at::Tensor>& inv_scale,
+                                                                        const std::optional<at::Tensor>& found_inf,
+                                                                        bool per_tensor, double eps) {
+  validate_clip_norm("clip_norm", grads, max_norm, inv_scale, found_inf, eps);
+  auto [total, per] = grad_norm(grads, inv_scale, found_inf, per_tensor);
+  at::Tensor coef = clip_coef(total, max_norm, eps).to(at::kFloat);
+  at::Tensor factor = inv_scale.has_value() ? at::mul(inv_scale->reshape({}), coef) : coef.clone();
+  return {total, per, coef, factor};
+}
+
 void scale_op(at::TensorList tensors, const at::Tensor& factor, const std::optional<at::Tensor>& found_inf) {
   validate_scale("scale_", tensors, factor, found_inf);
   scale_(tensors, factor, found_inf);
@@ -51,6 +65,7 @@ TORCH_LIBRARY_IMPL(fastamp, CPU, m) {
   m.impl("grad_norm", &grad_norm_op);
   m.impl("unscale_check_norm_", &unscale_check_norm_op);
   m.impl("clip_coef", &clip_coef_op);
+  m.impl("clip_norm", &clip_norm_op);
   m.impl("scale_", &scale_op);
   m.impl("update_scale_", &update_scale_op);
 }

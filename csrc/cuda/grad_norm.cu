@@ -94,12 +94,21 @@ __global__ void per_tensor_norms_kernel(const FASTAMP_GRID_CONSTANT TensorRanges
 }
 
 // One block: total = sqrt(sum of the partials) in fp64, in one fixed order whether or not per-tensor
-// norms were asked for.
-__global__ void __launch_bounds__(kFinishThreads) finish_kernel(const float* partials, int64_t n, float* total_out) {
+// norms were asked for; with a clip (clip.coef not null), its coefficient and factor.
+__global__ void __launch_bounds__(kFinishThreads)
+    finish_kernel(const float* partials, int64_t n, float* total_out, const ClipFold clip) {
   double sum = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += static_cast<double>(partials[i]);
   const double total = block_sum(sum);
-  if (threadIdx.x == 0) *total_out = static_cast<float>(sqrt(total));
+  if (threadIdx.x == 0) {
+    const float norm = static_cast<float>(sqrt(total));
+    *total_out = norm;
+    if (clip.coef != nullptr) {
+      const float coef = clip_coefficient<float>(norm, clip.max_norm, clip.eps);
+      *clip.coef = coef;
+      *clip.factor = clip.inv_scale != nullptr ? *clip.inv_scale * coef : coef;
+    }
+  }
 }
 
 }  // namespace
@@ -115,7 +124,7 @@ void launch_unscale_sum_squares(const std::vector<DeviceTensor>& tensors, const 
 }
 
 void launch_finish_norms(const float* partials, const MultiTensorPlan& plan, float* total_out, float* per_tensor_out,
-                         cudaStream_t stream) {
+                         const ClipFold* clip, cudaStream_t stream) {
   const int64_t n = static_cast<int64_t>(plan.first_block.size());
   for (int64_t start = 0; per_tensor_out != nullptr && start < n; start += kMaxTensorsPerNormLaunch) {
     TensorRanges ranges;
@@ -130,7 +139,8 @@ void launch_finish_norms(const float* partials, const MultiTensorPlan& plan, flo
     per_tensor_norms_kernel<<<blocks, kWarpsPerBlock * 32, 0, stream>>>(ranges, partials, per_tensor_out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  finish_kernel<<<1, kFinishThreads, 0, stream>>>(partials, plan.total_blocks, total_out);
+  const ClipFold fold = clip != nullptr ? *clip : ClipFold{0.0, 0.0, nullptr, nullptr, nullptr};
+  finish_kernel<<<1, kFinishThreads, 0, stream>>>(partials, plan.total_blocks, total_out, fold);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -49,10 +49,22 @@ void launch_sum_squares(const std::vector<DeviceTensor>& tensors, const MultiTen
 void launch_unscale_sum_squares(const std::vector<DeviceTensor>& tensors, const MultiTensorPlan& plan, float* found_inf,
                                 const float* inv_scale, float* partials, cudaStream_t stream);
 
+// What a clip folds into the norm's finish: *coef = min(1, max_norm / (total + eps)) of the fp32 total
+// (clip_coefficient, as clip_coef computes it) and *factor = *inv_scale * coef (coef when inv_scale is
+// null), so a clipped step needs no launch between the norm and the scale pass.
+struct ClipFold {
+  double max_norm;
+  double eps;
+  const float* inv_scale;  // may be null
+  float* coef;
+  float* factor;
+};
+
 // Fixed-order second stage: total = sqrt(sum of partials), the same bits whether or not per_tensor_out
-// (may be null) also asks for each tensor's norm from its block range.
+// (may be null) also asks for each tensor's norm from its block range; with clip (may be null), the clip
+// coefficient and the combined factor from the same kernel.
 void launch_finish_norms(const float* partials, const MultiTensorPlan& plan, float* total_out, float* per_tensor_out,
-                         cudaStream_t stream);
+                         const ClipFold* clip, cudaStream_t stream);
 
 // t *= *factor in place, unless found_inf (may be null) is set.
 void launch_scale(const std::vector<DeviceTensor>& tensors, const MultiTensorPlan& plan, const float* factor,

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
 
 #include "../checks.h"
 #include "../flat_tensors.h"
@@ -41,7 +42,7 @@ float* optional_float_ptr(const std::optional<at::Tensor>& t) { return t.has_val
 // Runs stage one (`launch_stage_one(prepared, partials)`) and the fixed-order second stage.
 template <typename StageOne>
 std::tuple<at::Tensor, at::Tensor> norms(const Prepared& prepared, const at::Device& device, bool per_tensor,
-                                         const StageOne& launch_stage_one) {
+                                         const StageOne& launch_stage_one, const ClipFold* clip = nullptr) {
   const cudaStream_t stream = stream_of(device);
   const auto float_options = at::TensorOptions().dtype(at::kFloat).device(device);
   const int64_t n = static_cast<int64_t>(prepared.tensors.size());
@@ -50,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> norms(const Prepared& prepared, const at::Dev
   at::Tensor total = at::empty({}, float_options);
   at::Tensor per = at::empty({per_tensor ? n : 0}, float_options);
   launch_finish_norms(partials.data_ptr<float>(), prepared.flat.plan, total.data_ptr<float>(),
-                      per_tensor ? per.data_ptr<float>() : nullptr, stream);
+                      per_tensor ? per.data_ptr<float>() : nullptr, clip, stream);
   return {total, per};
 }
 
@@ -101,6 +102,34 @@ at::Tensor clip_coef_op(const at::Tensor& total_norm, double max_norm, double ep
   return coef;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_norm_op(at::TensorList grads, double max_norm,
+                                                                        const std::optional<at::Tensor>& inv_scale,
+                                                                        const std::optional<at::Tensor>& found_inf,
+                                                                        bool per_tensor, double eps) {
+  validate_clip_norm("clip_norm", grads, max_norm, inv_scale, found_inf, eps);
+  const at::Device device =
+      grads.empty() ? (inv_scale.has_value() ? inv_scale->device() : found_inf->device()) : grads[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const auto float_options = at::TensorOptions().dtype(at::kFloat).device(device);
+  if (grads.empty()) {
+    auto [total, per] = zero_norms(device);
+    at::Tensor coef = clip_coef_op(total, max_norm, eps);
+    return {total, per, coef, inv_scale.has_value() ? at::mul(inv_scale->reshape({}), coef) : coef.clone()};
+  }
+  Prepared prepared(grads);
+  at::Tensor coef = at::empty({}, float_options);
+  at::Tensor factor = at::empty({}, float_options);
+  const ClipFold clip{max_norm, eps, optional_float_ptr(inv_scale), float_ptr(coef), float_ptr(factor)};
+  auto [total, per] = norms(
+      prepared, device, per_tensor,
+      [&](float* partials) {
+        launch_sum_squares(prepared.tensors, prepared.flat.plan, optional_float_ptr(inv_scale),
+                           optional_float_ptr(found_inf), partials, stream_of(device));
+      },
+      &clip);
+  return {total, per, coef, factor};
+}
+
 void scale_op(at::TensorList tensors, const at::Tensor& factor, const std::optional<at::Tensor>& found_inf) {
   validate_scale("scale_", tensors, factor, found_inf);
   const c10::cuda::CUDAGuard guard(factor.device());
@@ -130,6 +159,7 @@ TORCH_LIBRARY_IMPL(fastamp, CUDA, m) {
   m.impl("grad_norm", &grad_norm_op);
   m.impl("unscale_check_norm_", &unscale_check_norm_op);
   m.impl("clip_coef", &clip_coef_op);
+  m.impl("clip_norm", &clip_norm_op);
   m.impl("scale_", &scale_op);
   m.impl("update_scale_", &update_scale_op);
 }

@@ -204,6 +204,27 @@ def _check_clip_coef(device: str) -> float:
     return worst
 
 
+def _check_clip_norm(device: str) -> float:
+    """clip_norm's norm, coefficient and factor against the reference (the norm at its tolerance; the
+    coefficient and factor of that norm bit for bit)."""
+    worst = 0.0
+    for case, grads in grad_cases(device):
+        grads = [g for g in grads if g.dtype in ops.kernel_dtypes(device)]
+        for max_norm in (1e-3, 1e6):
+            inv = _scalar(0.5, device)
+            total, per, coef, factor = ops.clip_norm(grads, max_norm, inv, _scalar(0.0, device), per_tensor=True)
+            ref_total = reference.grad_norm(grads, inv, None, True)[0]
+            dtype = reference.norm_dtype(grads)
+            err = relative_error(total, ref_total)
+            _expect(err <= tolerance("grad_norm", device, dtype) or not math.isfinite(ref_total.item()),
+                    f"{case}: norm {total.item()!r} vs {ref_total.item()!r}", err)
+            expected_coef = reference.clip_coef(total, max_norm, 1e-6).float()
+            _expect(same_bits(coef, expected_coef), f"{case}: coef {coef.item()!r} vs {expected_coef.item()!r}")
+            _expect(same_bits(factor, inv.reshape(()) * expected_coef), f"{case}: factor {factor.item()!r}")
+            worst = max(worst, err if math.isfinite(err) else 0.0)
+    return worst
+
+
 def _check_update_scale(device: str) -> float:
     g = torch.Generator().manual_seed(3)
     overflows = (torch.rand(300, generator=g) < 0.3).tolist()
@@ -379,6 +400,7 @@ OP_CHECKS: Dict[str, Callable[[str], float]] = {
     "unscale_check_norm_": _check_unscale_check_norm,
     "scale_": _check_scale,
     "clip_coef": _check_clip_coef,
+    "clip_norm": _check_clip_norm,
     "update_scale_": _check_update_scale,
 }
 SCALER_CHECKS: Dict[str, Callable[[str], float]] = {

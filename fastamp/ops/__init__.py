@@ -22,6 +22,7 @@ unscale_check_         unscale_check.cpp, UnscaleCheckOp           unscale_check
 grad_norm              grad_norm.cpp, GradNormOp                   grad_norm.cu, GradNormOp
 unscale_check_norm_    grad_norm.cpp, UnscaleCheckNormOp           grad_norm.cu, UnscaleCheckNormOp
 clip_coef              clip_coef.cpp (scalar)                      clip_coef.cu (scalar)
+clip_norm              ops.cpp (grad_norm, then clip_coef)         grad_norm.cu (GradNormOp, the finish)
 scale_                 scale.cpp, ScaleOp                          scale.cu, ScaleOp
 update_scale_          update_scale.cpp, ``ScaleUpdate``           update_scale.cu, ``ScaleUpdate``
 =====================  ==========================================  ==================================
@@ -49,6 +50,7 @@ __all__ = [
     "NonFiniteRecord",
     "OP_NAMES",
     "clip_coef",
+    "clip_norm",
     "grad_norm",
     "kernel_dtypes",
     "nonfinite_report",
@@ -119,6 +121,30 @@ def clip_coef(total_norm: Tensor, max_norm: float, eps: float = 1e-6) -> Tensor:
     Returns a 0-dim tensor of the norm's dtype.
     """
     return _ops.clip_coef(total_norm, float(max_norm), float(eps))
+
+
+def clip_norm(
+    grads: Sequence[Tensor],
+    max_norm: float,
+    inv_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    per_tensor: bool = False,
+    eps: float = 1e-6,
+) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """Everything a clip needs from one read of the gradients: :func:`grad_norm`, the clip coefficient
+    of its total (:func:`clip_coef`) and the factor that unscales and clips in one multiply.
+
+    On CUDA the coefficient and the factor are computed by the norm's own finishing kernel: a clipped
+    step is the norm pass, one finish and the :func:`scale_` pass (none with a fused optimizer, which
+    takes the factor as its ``grad_scale``).
+
+    Returns:
+        ``(total_norm, per_tensor_norms, coef, factor)``: the first two as :func:`grad_norm` returns them;
+        ``coef = min(1, max_norm / (total_norm + eps))`` and ``factor = inv_scale * coef`` (``coef``
+        without ``inv_scale``), 0-dim fp32 tensors on the grads' device.
+    """
+    total, per, coef, factor = _ops.clip_norm(list(grads), float(max_norm), inv_scale, found_inf, per_tensor, float(eps))
+    return total, (per if per_tensor else None), coef, factor
 
 
 def scale_(tensors: Sequence[Tensor], factor: Tensor, found_inf: Optional[Tensor] = None) -> None:

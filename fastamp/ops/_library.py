@@ -32,6 +32,7 @@ MUTATES = {
     "grad_norm": ("found_inf",),
     "unscale_check_norm_": ("grads", "found_inf"),
     "clip_coef": (),
+    "clip_norm": ("found_inf",),
     "scale_": ("tensors",),
     "update_scale_": ("scale", "growth_tracker", "hysteresis_tracker"),
 }
@@ -54,6 +55,7 @@ for _schema in SCHEMAS.values():
 # grad_norm([], None, None) names no device, so the dispatcher finds no backend key: this kernel answers
 # it (zero on CPU, as torch.linalg.vector_norm of an empty tensor). Backend kernels take every other call.
 LIBRARY.impl("grad_norm", ref.grad_norm, "CompositeExplicitAutograd")
+LIBRARY.impl("clip_norm", ref.clip_norm, "CompositeExplicitAutograd")
 
 
 def _norm_outputs(grads: List[Tensor], per_tensor: bool, scalars: Tuple[Optional[Tensor], ...]) -> Tuple[Tensor, Tensor]:
@@ -92,6 +94,16 @@ def _clip_coef_fake(total_norm: Tensor, max_norm: float, eps: float) -> Tensor:
     return total_norm.new_empty(())
 
 
+@torch.library.register_fake("fastamp::clip_norm")
+def _clip_norm_fake(
+    grads: List[Tensor], max_norm: float, inv_scale: Optional[Tensor], found_inf: Optional[Tensor], per_tensor: bool,
+    eps: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    ref.validate_clip_norm(grads, max_norm, inv_scale, found_inf, eps)
+    total, per = _norm_outputs(grads, per_tensor, (inv_scale, found_inf))
+    return total, per, total.new_empty((), dtype=torch.float32), total.new_empty((), dtype=torch.float32)
+
+
 @torch.library.register_fake("fastamp::scale_")
 def _scale_fake(tensors: List[Tensor], factor: Tensor, found_inf: Optional[Tensor]) -> None:
     ref.validate_scale(tensors, factor, found_inf, written=False)
@@ -118,6 +130,7 @@ FAKES = {
     "grad_norm": _grad_norm_fake,
     "unscale_check_norm_": _unscale_check_norm_fake,
     "clip_coef": _clip_coef_fake,
+    "clip_norm": _clip_norm_fake,
     "scale_": _scale_fake,
     "update_scale_": _update_scale_fake,
 }

@@ -22,11 +22,13 @@ __all__ = [
     "kernel_dtypes",
     "norm_dtype",
     "validate_clip_coef",
+    "validate_clip_norm",
     "validate_grad_norm",
     "validate_scale",
     "validate_unscale_check",
     "validate_update_scale",
     "clip_coef",
+    "clip_norm",
     "grad_norm",
     "nonfinite_report",
     "scale_",
@@ -172,6 +174,21 @@ def validate_clip_coef(total_norm: Tensor, max_norm: float, eps: float) -> None:
         _fail(op, f"eps must be non-negative, got {eps}")
 
 
+def validate_clip_norm(grads: Sequence[Tensor], max_norm: float, inv_scale: Optional[Tensor],
+                       found_inf: Optional[Tensor], eps: float) -> None:
+    op = "clip_norm"
+    device = _grad_norm_device(grads, inv_scale, found_inf)
+    _check_tensor_list(op, "grads", grads, device, written=False)
+    if inv_scale is not None:
+        _check_scalar(op, "inv_scale", inv_scale, device, False)
+    if found_inf is not None:
+        _check_scalar(op, "found_inf", found_inf, device, False)
+    if max_norm < 0:
+        _fail(op, f"max_norm must be non-negative, got {max_norm}")
+    if eps < 0:
+        _fail(op, f"eps must be non-negative, got {eps}")
+
+
 def validate_scale(tensors: Sequence[Tensor], factor: Tensor, found_inf: Optional[Tensor], written: bool = True) -> None:
     op = "scale_"
     device = factor.device
@@ -280,6 +297,27 @@ def clip_coef(total_norm: Tensor, max_norm: float, eps: float = 1e-6) -> Tensor:
     validate_clip_coef(total_norm, max_norm, eps)
     norm = total_norm.reshape(())
     return ((norm + eps).reciprocal() * max_norm).clamp(max=1.0)
+
+
+def clip_norm(
+    grads: Sequence[Tensor],
+    max_norm: float,
+    inv_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    per_tensor: bool = False,
+    eps: float = 1e-6,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reference for :func:`fastamp.ops.clip_norm`: grad_norm, then clip_coef of its total (fp32) and the
+    factor ``inv_scale * coef`` (``coef`` without inv_scale), fp32."""
+    validate_clip_norm(grads, max_norm, inv_scale, found_inf, eps)
+    device = _grad_norm_device(grads, inv_scale, found_inf)
+    if found_inf is not None:
+        _set_found_inf(found_inf, _any_nonfinite(grads))
+    values = [g if inv_scale is None else g.to(_opmath(g.dtype)) * inv_scale.reshape(()).to(_opmath(g.dtype)) for g in grads]
+    total, per = _norms(values, norm_dtype(list(grads)), device, per_tensor)
+    coef = clip_coef(total, max_norm, eps).float()
+    factor = coef.clone() if inv_scale is None else inv_scale.reshape(()) * coef
+    return total, per, coef, factor
 
 
 def scale_(tensors: Sequence[Tensor], factor: Tensor, found_inf: Optional[Tensor] = None) -> None:

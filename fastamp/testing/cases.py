@@ -160,12 +160,18 @@ def _reference_namespace() -> types.SimpleNamespace:
         total, per = reference.unscale_check_norm_(grads, found_inf, inv_scale, per_tensor)
         return total, (per if per_tensor else None)
 
+    def clip_norm(grads, max_norm, inv_scale=None, found_inf=None, per_tensor=False, eps=1e-6):
+        if not grads:
+            return ops.clip_norm(grads, max_norm, inv_scale, found_inf, per_tensor, eps)
+        total, per, coef, factor = reference.clip_norm(grads, max_norm, inv_scale, found_inf, per_tensor, eps)
+        return total, (per if per_tensor else None), coef, factor
+
     def update_scale_(scale, *args, **kwargs):
         reference.update_scale_(scale, *args, **kwargs)
         return scale
 
     return types.SimpleNamespace(unscale_check_=reference.unscale_check_, grad_norm=grad_norm,
-                                 unscale_check_norm_=unscale_check_norm_, clip_coef=reference.clip_coef,
+                                 unscale_check_norm_=unscale_check_norm_, clip_coef=reference.clip_coef, clip_norm=clip_norm,
                                  scale_=reference.scale_, update_scale_=update_scale_)
 
 

@@ -138,6 +138,23 @@ class EmulatedKernels:
                   float(max_norm), float(eps))
         return coef
 
+    def clip_norm(self, grads: Sequence[Tensor], max_norm: float, inv_scale: Optional[Tensor] = None,
+                  found_inf: Optional[Tensor] = None, per_tensor: bool = False,
+                  eps: float = 1e-6) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+        ref.validate_clip_norm(grads, max_norm, inv_scale, found_inf, eps)
+        if not grads:  # as csrc/cuda/ops.cpp: no norm launch for an empty list
+            total = torch.zeros(())
+            coef = self.clip_coef(total, max_norm, eps)
+            return total, (torch.zeros(0) if per_tensor else None), coef, (
+                coef.clone() if inv_scale is None else inv_scale.reshape(()) * coef)
+        dense = _Dense(grads, written=False)
+        total, per = self._norm_outputs(len(grads), per_tensor)
+        coef, factor = torch.full((), math.nan), torch.full((), math.nan)
+        self.call("emu_clip_norm", *dense.args(), ctypes.c_double(max_norm), _P(_ptr(inv_scale)), _P(_ptr(found_inf)),
+                  _P(_ptr(total)), _P(_ptr(per) if per_tensor else None), _P(_ptr(coef)), _P(_ptr(factor)),
+                  ctypes.c_double(eps))
+        return total, (per if per_tensor else None), coef, factor
+
     def scale_(self, tensors: Sequence[Tensor], factor: Tensor, found_inf: Optional[Tensor] = None) -> None:
         ref.validate_scale(tensors, factor, found_inf)
         dense = _Dense(tensors, written=True)

@@ -50,6 +50,8 @@ def run(kernels: EmulatedKernels) -> None:
         total, per = kernels.grad_norm(grads, inv, found, per_tensor=True)
         ref_total, ref_per = ref.grad_norm(grads, inv, torch.zeros(()), per_tensor=True)
         assert torch.allclose(total, ref_total.float(), rtol=5e-6) and torch.allclose(per, ref_per.float(), rtol=5e-6)
+        _, _, coef, factor = kernels.clip_norm(grads, 1.0, inv, found, per_tensor=True)
+        assert factor.item() == (inv * coef).item()
         kernels.unscale_check_norm_(grads, found, inv, per_tensor=True)
         ref.unscale_check_norm_(expected, torch.zeros(()), inv, per_tensor=True)
         assert_bitwise_equal(grads, expected)

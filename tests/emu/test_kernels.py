@@ -92,6 +92,26 @@ def test_unscale_check_norm_writes_and_norms(emu, dtype):
     _assert_norm_close(per, ref_per.float(), dtype, "unscale_check_norm_")
 
 
+@pytest.mark.parametrize("max_norm", [1e-3, 1e9])
+def test_clip_norm_folds_coefficient_and_factor_into_the_finish(emu, max_norm):
+    grads = _grads(SIZES, torch.float16, seed=6)
+    inv = torch.full((), 1 / 3.0)
+    found = torch.zeros(())
+    total, per, coef, factor = emu.clip_norm(grads, max_norm, inv, found, per_tensor=True)
+    ref_total, ref_per, _, _ = ref.clip_norm(grads, max_norm, inv, torch.zeros(()), per_tensor=True)
+    _assert_norm_close(total, ref_total.float(), torch.float16)
+    _assert_norm_close(per, ref_per.float(), torch.float16)
+    # The coefficient and factor of the kernel's own total, bit for bit as clip_coef and torch's multiply.
+    expected_coef = ref.clip_coef(total, max_norm).float()
+    assert same_bits(coef, expected_coef) and same_bits(factor, inv * expected_coef)
+    assert same_bits(total, emu.grad_norm(grads, inv)[0])
+    _, _, coef_alone, factor_alone = emu.clip_norm(grads, max_norm)
+    assert same_bits(factor_alone, coef_alone)
+    grads[4][-1] = math.inf
+    total, _, coef, _ = emu.clip_norm(grads, max_norm, inv, found)
+    assert found.item() == 1.0 and math.isinf(total.item()) and coef.item() == 0.0
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_scale_bitwise_and_skipped_on_overflow(emu, dtype):
     grads = _grads(SIZES, dtype, seed=4)
@@ -286,3 +306,23 @@ def test_launch_counts(emu):
     with emu.launches() as empty:
         total, _ = emu.grad_norm([], inv, found)
     assert empty == [] and total.item() == 0.0
+
+
+def test_launches_per_clipped_step(emu):
+    """A clipped step before clip_norm: norm pass, finish, clip_coef, (torch's inv_scale * coef), scale
+    pass. Now: norm pass, one finish that also writes the coefficient and the factor, scale pass; with
+    a fused optimizer (the factor is its grad_scale) no scale pass at all."""
+    grads = _grads([CHUNK + 5, 100, 3], torch.float16)
+    found, inv = torch.zeros(()), torch.full((), 0.5)
+    with emu.launches() as before:
+        total, _ = emu.grad_norm(grads, inv, found)
+        factor = inv * emu.clip_coef(total, 1.0)  # + one launch of torch's multiply on a GPU
+        emu.scale_(grads, factor, found)
+    assert before == ["multi_tensor_kernel", "finish_kernel", "clip_coef_kernel", "multi_tensor_kernel"]
+    with emu.launches() as now:
+        _, _, _, factor = emu.clip_norm(grads, 1.0, inv, found)
+        emu.scale_(grads, factor, found)
+    assert now == ["multi_tensor_kernel", "finish_kernel", "multi_tensor_kernel"]
+    with emu.launches() as fused:
+        emu.clip_norm(grads, 1.0, inv, found)
+    assert fused == ["multi_tensor_kernel", "finish_kernel"]

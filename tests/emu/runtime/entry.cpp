@@ -83,7 +83,7 @@ int emu_grad_norm(void** data, const int64_t* numel, const int* dtype, int n, co
     List list(data, numel, dtype, n);
     std::vector<float> partials = partials_for(list);
     launch_sum_squares(list.tensors, list.plan, inv_scale, found_inf, partials.data(), nullptr);
-    launch_finish_norms(partials.data(), list.plan, total, per_tensor, nullptr);
+    launch_finish_norms(partials.data(), list.plan, total, per_tensor, nullptr, nullptr);
   });
 }
 
@@ -98,7 +98,19 @@ int emu_unscale_check_norm(void** data, const int64_t* numel, const int* dtype, 
     List list(data, numel, dtype, n);
     std::vector<float> partials = partials_for(list);
     launch_unscale_sum_squares(list.tensors, list.plan, found_inf, inv_scale, partials.data(), nullptr);
-    launch_finish_norms(partials.data(), list.plan, total, per_tensor, nullptr);
+    launch_finish_norms(partials.data(), list.plan, total, per_tensor, nullptr, nullptr);
+  });
+}
+
+int emu_clip_norm(void** data, const int64_t* numel, const int* dtype, int n, double max_norm, const float* inv_scale,
+                  float* found_inf, float* total, float* per_tensor, float* coef, float* factor, double eps) {
+  return guarded([&] {
+    EMU_BENIGN_FLAG(found_inf);
+    List list(data, numel, dtype, n);
+    std::vector<float> partials = partials_for(list);
+    const ClipFold clip{max_norm, eps, inv_scale, coef, factor};
+    launch_sum_squares(list.tensors, list.plan, inv_scale, found_inf, partials.data(), nullptr);
+    launch_finish_norms(partials.data(), list.plan, total, per_tensor, &clip, nullptr);
   });
 }
 
