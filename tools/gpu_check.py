@@ -8,6 +8,7 @@ logs and results written into OUT with summary.json and summary.md:
   build      compile the kernels for the visible GPU's arch only (fastamp build, into a JIT cache)
   check      fastamp check --device cuda
   pytest     pytest tests/cuda tests/ops tests/test_library.py (the CUDA cases)
+  emu-vs-cuda  the CUDA emulator's cases (tests/emu) on the emulated and on the real kernels, side by side
   memcheck   compute-sanitizer --tool memcheck over a reduced CUDA workload (tools/sanitizer_workload.py)
   racecheck  compute-sanitizer --tool racecheck over the same workload
   bench      fastamp bench --device cuda --json
@@ -84,6 +85,10 @@ def _phases(python: str, out: Path) -> List[Phase]:
         # tests/cuda, and the device-generic op tests, whose CUDA cases exist only where a GPU is.
         Phase("pytest", [python, "-m", "pytest", "tests/cuda", "tests/ops", "tests/test_library.py", "-q", "-ra",
                          "-p", "no:cacheprovider", f"--junitxml={out / 'pytest-cuda.xml'}"], 180),
+        # The emulator's cases on the real kernels too (its `target` fixture runs each on both): what the
+        # emulator says of the kernels is held against the GPU on the same inputs and oracle.
+        Phase("emu-vs-cuda", [python, "-m", "pytest", "tests/emu", "-m", "not slow", "-q", "-ra", "-p", "no:cacheprovider",
+                               f"--junitxml={out / 'pytest-emu-vs-cuda.xml'}"], 120),
         Phase("memcheck", [sanitizer, "--tool", "memcheck", "--error-exitcode", "1"] + workload, 75),
         Phase("racecheck", [sanitizer, "--tool", "racecheck", "--error-exitcode", "1"] + workload, 75),
         Phase("bench", fastamp + ["bench", "--device", "cuda", "--workload", "gpt2-124M", "--workload", "gpt-1.3B",

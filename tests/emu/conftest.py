@@ -7,9 +7,10 @@ import shutil
 from typing import Dict
 
 import pytest
+import torch
 
 from .build import VARIANTS, build
-from .emulator import EmulatedKernels
+from .emulator import CudaKernels, EmulatedKernels
 
 _BUILT: Dict[str, EmulatedKernels] = {}
 
@@ -36,3 +37,11 @@ def emu() -> EmulatedKernels:
 def emu_variant(request) -> EmulatedKernels:
     """Every build variant: the parameter layouts and the block shapes."""
     return emulated(request.param)
+
+
+@pytest.fixture(scope="session", params=["emulated", "cuda"] if torch.cuda.is_available() else ["emulated"])
+def target(request):
+    """The kernels a case runs on: the emulated ones, and where a GPU is, the real ones on the same case."""
+    if request.param == "cuda":
+        return CudaKernels()
+    return emulated("default")

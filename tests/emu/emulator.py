@@ -20,7 +20,7 @@ from torch import Tensor
 
 from fastamp.ops import _reference as ref
 
-__all__ = ["EmulatedKernels", "LaunchError"]
+__all__ = ["CudaKernels", "EmulatedKernels", "LaunchError"]
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _P = ctypes.c_void_p
@@ -173,3 +173,45 @@ class EmulatedKernels:
     def _norm_outputs(n: int, per_tensor: bool) -> Tuple[Tensor, Tensor]:
         # NaN-filled, so that an output a kernel forgot to write cannot pass for a right answer.
         return torch.full((), math.nan), torch.full((n if per_tensor else 0,), math.nan)
+
+
+class CudaKernels:
+    """The real CUDA kernels (:mod:`fastamp.ops` on a GPU) behind the emulator's CPU-tensor calls, so the
+    emulator's cases run on a GPU too and the two are held to the same oracle (`make gpu-check`).
+
+    Each CPU tensor goes to the GPU with its whole storage, so a view keeps its element offset (and its
+    misalignment); after the call every argument is copied back in place, results come back to the CPU."""
+
+    def __getattr__(self, name: str):
+        from fastamp import ops
+
+        op = getattr(ops, name)
+
+        def run(*args, **kwargs):
+            moved = []
+
+            def to_cuda(x):
+                if isinstance(x, Tensor):
+                    storage = x.untyped_storage()
+                    whole = torch.empty(0, dtype=x.dtype).set_(storage, 0, (storage.nbytes() // x.element_size(),))
+                    on_gpu = whole.cuda().as_strided(x.shape, x.stride(), x.storage_offset())
+                    moved.append((x, on_gpu))
+                    return on_gpu
+                if isinstance(x, (list, tuple)):
+                    return type(x)(to_cuda(v) for v in x)
+                return x
+
+            result = op(*[to_cuda(a) for a in args], **{k: to_cuda(v) for k, v in kwargs.items()})
+            for original, on_gpu in moved:
+                original.copy_(on_gpu.cpu())
+
+            def to_cpu(x):
+                if isinstance(x, Tensor):
+                    return x.cpu()
+                if isinstance(x, (list, tuple)):
+                    return type(x)(to_cpu(v) for v in x)
+                return x
+
+            return to_cpu(result)
+
+        return run

@@ -1,4 +1,5 @@
-"""fastamp's CUDA kernels, executed by the emulator, against the reference (fastamp.ops._reference)
+"""fastamp's CUDA kernels, executed by the emulator (and, where a GPU is, the same cases on the real
+kernels: the `target` fixture), against the reference (fastamp.ops._reference)
 and PyTorch's own AMP op: every op, the awkward inputs (sizes around vectors and chunks, misaligned
 heads at every offset, one-hot tensors, inf/nan at head, vector, chunk and tail positions, hundreds of
 tensors over several launches, mixed dtypes in one launch), both parameter layouts and every block
@@ -41,51 +42,51 @@ SIZES = [0, 1, 3, 7, 8, 9, 255, 256 * 4 * 4 + 3, CHUNK - 1, CHUNK, CHUNK + 1, 3 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_unscale_check_bitwise_against_reference(emu, dtype):
+def test_unscale_check_bitwise_against_reference(target, dtype):
     grads = _grads(SIZES, dtype)
     expected = clones(grads)
     inv = torch.full((), 1 / 1024.0 * 3)
     found, ref_found = _flags()
-    emu.unscale_check_(grads, found, inv)
+    target.unscale_check_(grads, found, inv)
     ref.unscale_check_(expected, ref_found, inv)
     assert_bitwise_equal(grads, expected)
     assert found.item() == ref_found.item() == 0.0
 
 
-def test_unscale_check_fp32_bitwise_against_torch(emu):
+def test_unscale_check_fp32_bitwise_against_torch(target):
     grads = _grads(SIZES, torch.float32, seed=3)
     expected = clones(grads)
     found, torch_found = _flags()
     inv = torch.full((), 0.1)
-    emu.unscale_check_(grads, found, inv)
+    target.unscale_check_(grads, found, inv)
     torch._amp_foreach_non_finite_check_and_unscale_([g for g in expected if g.numel()], torch_found, inv)
     assert_bitwise_equal(grads, expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_grad_norm_total_and_per_tensor(emu, dtype):
+def test_grad_norm_total_and_per_tensor(target, dtype):
     grads = _grads(SIZES, dtype, seed=1)
     inv = torch.full((), 0.25)
     found, ref_found = _flags()
-    total, per = emu.grad_norm(grads, inv, found, per_tensor=True)
+    total, per = target.grad_norm(grads, inv, found, per_tensor=True)
     ref_total, ref_per = ref.grad_norm(grads, inv, ref_found, per_tensor=True)
     _assert_norm_close(total, ref_total.float(), dtype)
     _assert_norm_close(per, ref_per.float(), dtype)
     assert found.item() == 0.0
     # The total is one summation whether or not per-tensor norms are asked for: the same bits.
-    alone, none = emu.grad_norm(grads, inv, None)
+    alone, none = target.grad_norm(grads, inv, None)
     assert none is None and same_bits(alone, total)
-    without_scale, _ = emu.grad_norm(grads)
+    without_scale, _ = target.grad_norm(grads)
     _assert_norm_close(without_scale, ref.grad_norm(grads)[0].float(), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_unscale_check_norm_writes_and_norms(emu, dtype):
+def test_unscale_check_norm_writes_and_norms(target, dtype):
     grads = _grads(SIZES, dtype, seed=2)
     expected = clones(grads)
     inv = torch.full((), 1 / 3.0)
     found, ref_found = _flags()
-    total, per = emu.unscale_check_norm_(grads, found, inv, per_tensor=True)
+    total, per = target.unscale_check_norm_(grads, found, inv, per_tensor=True)
     ref_total, ref_per = ref.unscale_check_norm_(expected, ref_found, inv, per_tensor=True)
     assert_bitwise_equal(grads, expected)
     _assert_norm_close(total, ref_total.float(), dtype, "unscale_check_norm_")
@@ -93,49 +94,49 @@ def test_unscale_check_norm_writes_and_norms(emu, dtype):
 
 
 @pytest.mark.parametrize("max_norm", [1e-3, 1e9])
-def test_clip_norm_folds_coefficient_and_factor_into_the_finish(emu, max_norm):
+def test_clip_norm_folds_coefficient_and_factor_into_the_finish(target, max_norm):
     grads = _grads(SIZES, torch.float16, seed=6)
     inv = torch.full((), 1 / 3.0)
     found = torch.zeros(())
-    total, per, coef, factor = emu.clip_norm(grads, max_norm, inv, found, per_tensor=True)
+    total, per, coef, factor = target.clip_norm(grads, max_norm, inv, found, per_tensor=True)
     ref_total, ref_per, _, _ = ref.clip_norm(grads, max_norm, inv, torch.zeros(()), per_tensor=True)
     _assert_norm_close(total, ref_total.float(), torch.float16)
     _assert_norm_close(per, ref_per.float(), torch.float16)
     # The coefficient and factor of the kernel's own total, bit for bit as clip_coef and torch's multiply.
     expected_coef = ref.clip_coef(total, max_norm).float()
     assert same_bits(coef, expected_coef) and same_bits(factor, inv * expected_coef)
-    assert same_bits(total, emu.grad_norm(grads, inv)[0])
-    _, _, coef_alone, factor_alone = emu.clip_norm(grads, max_norm)
+    assert same_bits(total, target.grad_norm(grads, inv)[0])
+    _, _, coef_alone, factor_alone = target.clip_norm(grads, max_norm)
     assert same_bits(factor_alone, coef_alone)
     grads[4][-1] = math.inf
-    total, _, coef, _ = emu.clip_norm(grads, max_norm, inv, found)
+    total, _, coef, _ = target.clip_norm(grads, max_norm, inv, found)
     assert found.item() == 1.0 and math.isinf(total.item()) and coef.item() == 0.0
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_scale_bitwise_and_skipped_on_overflow(emu, dtype):
+def test_scale_bitwise_and_skipped_on_overflow(target, dtype):
     grads = _grads(SIZES, dtype, seed=4)
     expected = clones(grads)
     factor = torch.full((), 0.3)
-    emu.scale_(grads, factor)
+    target.scale_(grads, factor)
     ref.scale_(expected, factor)
     assert_bitwise_equal(grads, expected)
     before = clones(grads)
-    emu.scale_(grads, factor, torch.ones(()))  # an overflow step writes nothing
+    target.scale_(grads, factor, torch.ones(()))  # an overflow step writes nothing
     assert_bitwise_equal(grads, before)
-    emu.scale_(grads, torch.ones(()), torch.zeros(()))  # a factor of exactly 1 writes nothing
+    target.scale_(grads, torch.ones(()), torch.zeros(()))  # a factor of exactly 1 writes nothing
     assert_bitwise_equal(grads, before)
 
 
 @pytest.mark.parametrize("norm", [0.0, 0.5, 1.0, 3.0, 1e30, math.inf, math.nan])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_clip_coef_bitwise(emu, norm, dtype):
+def test_clip_coef_bitwise(target, norm, dtype):
     total = torch.tensor(norm, dtype=dtype)
-    assert same_bits(emu.clip_coef(total, 1.0), ref.clip_coef(total, 1.0))
-    assert same_bits(emu.clip_coef(total, 0.25, eps=1e-3), ref.clip_coef(total, 0.25, eps=1e-3))
+    assert same_bits(target.clip_coef(total, 1.0), ref.clip_coef(total, 1.0))
+    assert same_bits(target.clip_coef(total, 0.25, eps=1e-3), ref.clip_coef(total, 0.25, eps=1e-3))
 
 
-def test_update_scale_sequence_bitwise(emu):
+def test_update_scale_sequence_bitwise(target):
     """Overflows and clean steps with hysteresis and bounds: state after every step equals the reference."""
     def state():
         return torch.full((), 2.0**15), torch.zeros((), dtype=torch.int32), torch.full((), 2, dtype=torch.int32)
@@ -145,20 +146,20 @@ def test_update_scale_sequence_bitwise(emu):
                   max_scale=2.0**16)
     for step, overflow in enumerate([0, 0, 0, 1, 1, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0] + [1] * 40):
         flag = torch.full((), float(overflow))
-        emu.update_scale_(emu_state[0], emu_state[1], flag, hysteresis_tracker=emu_state[2], **policy)
+        target.update_scale_(emu_state[0], emu_state[1], flag, hysteresis_tracker=emu_state[2], **policy)
         ref.update_scale_(ref_state[0], ref_state[1], flag, hysteresis_tracker=ref_state[2], **policy)
         assert_bitwise_equal(list(emu_state), list(ref_state))
     assert emu_state[0].item() == 1.0  # held at min_scale
     plain, ref_plain = state()[:2], state()[:2]
     for overflow in (0, 0, 0, 1, 0):
         flag = torch.full((), float(overflow))
-        emu.update_scale_(*plain, flag, 2.0, 0.5, 3)
+        target.update_scale_(*plain, flag, 2.0, 0.5, 3)
         torch._amp_update_scale_(*ref_plain, flag, 2.0, 0.5, 3)
         assert_bitwise_equal(list(plain), list(ref_plain))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_misaligned_heads_at_every_offset(emu, dtype):
+def test_misaligned_heads_at_every_offset(target, dtype):
     """Views starting at every element offset within a 16-byte vector: the peeled head, the vector loop
     and the tail together visit every element once (unscale bitwise, norm of one-hots exact)."""
     per_vector = 16 // torch.empty((), dtype=dtype).element_size()
@@ -169,11 +170,12 @@ def test_misaligned_heads_at_every_offset(emu, dtype):
             base = torch.randn(offset + n + per_vector).to(dtype)
             view = base[offset:offset + n]
             expected = view.clone()
+            around = torch.cat([base[:offset], base[offset + n:]])
             found, ref_found = _flags()
-            emu.unscale_check_([view], found, torch.full((), 0.5))
+            target.unscale_check_([view], found, torch.full((), 0.5))
             ref.unscale_check_([expected], ref_found, torch.full((), 0.5))
             assert_bitwise_equal([view], [expected])
-            assert torch.equal(base[offset + n:], base[offset + n:])  # untouched past the view (no NaN)
+            assert same_bits(torch.cat([base[:offset], base[offset + n:]]), around)  # nothing outside the view
     # One-hot views: each view's norm is exactly 1 whichever element carries the 1.
     positions = (0, 1, per_vector - 1, per_vector, 20, 36)
     for offset in range(per_vector):
@@ -182,11 +184,11 @@ def test_misaligned_heads_at_every_offset(emu, dtype):
             base = torch.zeros(per_vector + 40, dtype=dtype)
             views.append(base[offset:offset + 37])
             views[-1][position] = 1
-        _, per = emu.grad_norm(views, per_tensor=True)
+        _, per = target.grad_norm(views, per_tensor=True)
         assert torch.equal(per, torch.ones(len(positions))), (offset, per)
 
 
-def test_one_hot_every_position_class(emu):
+def test_one_hot_every_position_class(target):
     """A single 1 at the head, inside the vector loop, at a chunk boundary and in the tail: counted once."""
     n = 2 * CHUNK + 7
     positions = [0, 1, 5, 4 * 256, 4 * 256 * 4 + 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK - 1, 2 * CHUNK, n - 1]
@@ -194,30 +196,30 @@ def test_one_hot_every_position_class(emu):
         grads = [torch.zeros(n, dtype=dtype) for _ in positions]
         for g, p in zip(grads, positions):
             g[p] = 2
-        total, per = emu.grad_norm(grads, per_tensor=True)
+        total, per = target.grad_norm(grads, per_tensor=True)
         assert torch.equal(per, torch.full((len(positions),), 2.0)), (dtype, per)
         assert total.item() == pytest.approx(2.0 * math.sqrt(len(positions)), rel=1e-7)
 
 
 @pytest.mark.parametrize("value,dtype", [(math.inf, torch.float32), (-math.inf, torch.bfloat16),
                                          (math.nan, torch.float16)])
-def test_nonfinite_found_at_every_position(emu, value, dtype):
+def test_nonfinite_found_at_every_position(target, value, dtype):
     n = 2 * CHUNK + 7
     for position in (0, 3, 4 * 256 * 4, CHUNK - 1, CHUNK, n - 1):
         grads = [torch.ones(5, dtype=dtype), torch.ones(n, dtype=dtype)]
         grads[1][position] = value
         found = torch.zeros(())
-        emu.grad_norm(grads, None, found)
+        target.grad_norm(grads, None, found)
         assert found.item() == 1.0, ("grad_norm", position)
         found = torch.zeros(())
         before = clones(grads)
-        emu.unscale_check_(grads, found, torch.full((), 0.5))
+        target.unscale_check_(grads, found, torch.full((), 0.5))
         assert found.item() == 1.0, ("unscale_check_", position)
         expected = clones(before)
         ref.unscale_check_(expected, torch.zeros(()), torch.full((), 0.5))
         assert_bitwise_equal(grads, expected)
         found = torch.zeros(())
-        total, _ = emu.unscale_check_norm_(clones(before), found, torch.full((), 0.5))
+        total, _ = target.unscale_check_norm_(clones(before), found, torch.full((), 0.5))
         assert found.item() == 1.0 and not math.isfinite(total.item())
 
 
@@ -261,11 +263,11 @@ def test_parameter_layouts_give_the_same_bits(emu):
     assert same_bits(a, b) and same_bits(per_a, per_b)
 
 
-def test_non_contiguous_views_written_back(emu):
+def test_non_contiguous_views_written_back(target):
     base = torch.randn(64, 33)
     view = base.t()[:, ::2]
     expected = view.clone()
-    emu.unscale_check_([view], torch.zeros(()), torch.full((), 0.5))
+    target.unscale_check_([view], torch.zeros(()), torch.full((), 0.5))
     ref.unscale_check_([expected], torch.zeros(()), torch.full((), 0.5))
     assert same_bits(view.contiguous(), expected)
 
