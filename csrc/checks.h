@@ -144,18 +144,21 @@ inline void validate_grad_norm(const char* op, at::TensorList grads, const std::
   if (found_inf.has_value()) check_scalar_tensor(op, "found_inf", *found_inf, device, false);
 }
 
-inline void validate_clip_coef(const char* op, const at::Tensor& total_norm, double max_norm, double eps) {
-  check_scalar_tensor(op, "total_norm", total_norm, total_norm.device(), true);
+inline void check_clip_args(const char* op, double max_norm, double eps) {
   TORCH_CHECK(max_norm >= 0.0, "fastamp.", op, ": max_norm must be non-negative, got ", max_norm);
   TORCH_CHECK(eps >= 0.0, "fastamp.", op, ": eps must be non-negative, got ", eps);
+}
+
+inline void validate_clip_coef(const char* op, const at::Tensor& total_norm, double max_norm, double eps) {
+  check_scalar_tensor(op, "total_norm", total_norm, total_norm.device(), true);
+  check_clip_args(op, max_norm, eps);
 }
 
 inline void validate_clip_norm(const char* op, at::TensorList grads, double max_norm,
                                const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& found_inf,
                                double eps) {
   validate_grad_norm(op, grads, inv_scale, found_inf);
-  TORCH_CHECK(max_norm >= 0.0, "fastamp.", op, ": max_norm must be non-negative, got ", max_norm);
-  TORCH_CHECK(eps >= 0.0, "fastamp.", op, ": eps must be non-negative, got ", eps);
+  check_clip_args(op, max_norm, eps);
 }
 
 inline void validate_scale(const char* op, at::TensorList tensors, const at::Tensor& factor,

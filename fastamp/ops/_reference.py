@@ -155,38 +155,37 @@ def _grad_norm_device(grads: Sequence[Tensor], inv_scale: Optional[Tensor], foun
     return torch.device("cpu")
 
 
-def validate_grad_norm(grads: Sequence[Tensor], inv_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-    op = "grad_norm"
+def _validate_norm_inputs(op: str, grads: Sequence[Tensor], inv_scale: Optional[Tensor],
+                          found_inf: Optional[Tensor]) -> None:
     device = _grad_norm_device(grads, inv_scale, found_inf)
     _check_tensor_list(op, "grads", grads, device, written=False)
     if inv_scale is not None:
         _check_scalar(op, "inv_scale", inv_scale, device, False)
     if found_inf is not None:
         _check_scalar(op, "found_inf", found_inf, device, False)
+
+
+def _check_clip_args(op: str, max_norm: float, eps: float) -> None:
+    if max_norm < 0:
+        _fail(op, f"max_norm must be non-negative, got {max_norm}")
+    if eps < 0:
+        _fail(op, f"eps must be non-negative, got {eps}")
+
+
+def validate_grad_norm(grads: Sequence[Tensor], inv_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    _validate_norm_inputs("grad_norm", grads, inv_scale, found_inf)
 
 
 def validate_clip_coef(total_norm: Tensor, max_norm: float, eps: float) -> None:
     op = "clip_coef"
     _check_scalar(op, "total_norm", total_norm, total_norm.device, True)
-    if max_norm < 0:
-        _fail(op, f"max_norm must be non-negative, got {max_norm}")
-    if eps < 0:
-        _fail(op, f"eps must be non-negative, got {eps}")
+    _check_clip_args(op, max_norm, eps)
 
 
 def validate_clip_norm(grads: Sequence[Tensor], max_norm: float, inv_scale: Optional[Tensor],
                        found_inf: Optional[Tensor], eps: float) -> None:
-    op = "clip_norm"
-    device = _grad_norm_device(grads, inv_scale, found_inf)
-    _check_tensor_list(op, "grads", grads, device, written=False)
-    if inv_scale is not None:
-        _check_scalar(op, "inv_scale", inv_scale, device, False)
-    if found_inf is not None:
-        _check_scalar(op, "found_inf", found_inf, device, False)
-    if max_norm < 0:
-        _fail(op, f"max_norm must be non-negative, got {max_norm}")
-    if eps < 0:
-        _fail(op, f"eps must be non-negative, got {eps}")
+    _validate_norm_inputs("clip_norm", grads, inv_scale, found_inf)
+    _check_clip_args("clip_norm", max_norm, eps)
 
 
 def validate_scale(tensors: Sequence[Tensor], factor: Tensor, found_inf: Optional[Tensor], written: bool = True) -> None:

@@ -53,6 +53,22 @@ std::vector<float> partials_for(const List& list) {
   return std::vector<float>(static_cast<size_t>(list.plan.total_blocks), std::numeric_limits<float>::quiet_NaN());
 }
 
+// What csrc/cuda/ops.cpp's norms() does: stage one (`launch_stage_one(list, partials)`) into a partials
+// workspace, then the fixed-order finish; an empty list without a clip launches nothing, as there.
+template <typename StageOne>
+void norms(void** data, const int64_t* numel, const int* dtype, int n, float* found_inf, float* total,
+           float* per_tensor, const ClipFold* clip, const StageOne& launch_stage_one) {
+  if (n == 0 && clip == nullptr) {
+    *total = 0.0f;
+    return;
+  }
+  EMU_BENIGN_FLAG(found_inf);
+  List list(data, numel, dtype, n);
+  std::vector<float> partials = partials_for(list);
+  launch_stage_one(list, partials.data());
+  launch_finish_norms(partials.data(), list.plan, total, per_tensor, clip, nullptr);
+}
+
 }  // namespace
 
 extern "C" {
@@ -75,42 +91,28 @@ int emu_unscale_check(void** data, const int64_t* numel, const int* dtype, int n
 int emu_grad_norm(void** data, const int64_t* numel, const int* dtype, int n, const float* inv_scale, float* found_inf,
                   float* total, float* per_tensor) {
   return guarded([&] {
-    if (n == 0) {
-      *total = 0.0f;
-      return;
-    }
-    EMU_BENIGN_FLAG(found_inf);
-    List list(data, numel, dtype, n);
-    std::vector<float> partials = partials_for(list);
-    launch_sum_squares(list.tensors, list.plan, inv_scale, found_inf, partials.data(), nullptr);
-    launch_finish_norms(partials.data(), list.plan, total, per_tensor, nullptr, nullptr);
+    norms(data, numel, dtype, n, found_inf, total, per_tensor, nullptr, [&](const List& list, float* partials) {
+      launch_sum_squares(list.tensors, list.plan, inv_scale, found_inf, partials, nullptr);
+    });
   });
 }
 
 int emu_unscale_check_norm(void** data, const int64_t* numel, const int* dtype, int n, float* found_inf,
                            const float* inv_scale, float* total, float* per_tensor) {
   return guarded([&] {
-    if (n == 0) {
-      *total = 0.0f;
-      return;
-    }
-    EMU_BENIGN_FLAG(found_inf);
-    List list(data, numel, dtype, n);
-    std::vector<float> partials = partials_for(list);
-    launch_unscale_sum_squares(list.tensors, list.plan, found_inf, inv_scale, partials.data(), nullptr);
-    launch_finish_norms(partials.data(), list.plan, total, per_tensor, nullptr, nullptr);
+    norms(data, numel, dtype, n, found_inf, total, per_tensor, nullptr, [&](const List& list, float* partials) {
+      launch_unscale_sum_squares(list.tensors, list.plan, found_inf, inv_scale, partials, nullptr);
+    });
   });
 }
 
 int emu_clip_norm(void** data, const int64_t* numel, const int* dtype, int n, double max_norm, const float* inv_scale,
                   float* found_inf, float* total, float* per_tensor, float* coef, float* factor, double eps) {
   return guarded([&] {
-    EMU_BENIGN_FLAG(found_inf);
-    List list(data, numel, dtype, n);
-    std::vector<float> partials = partials_for(list);
     const ClipFold clip{max_norm, eps, inv_scale, coef, factor};
-    launch_sum_squares(list.tensors, list.plan, inv_scale, found_inf, partials.data(), nullptr);
-    launch_finish_norms(partials.data(), list.plan, total, per_tensor, &clip, nullptr);
+    norms(data, numel, dtype, n, found_inf, total, per_tensor, &clip, [&](const List& list, float* partials) {
+      launch_sum_squares(list.tensors, list.plan, inv_scale, found_inf, partials, nullptr);
+    });
   });
 }
 
