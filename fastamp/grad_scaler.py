@@ -30,9 +30,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state
+from torch.amp.grad_scaler import OptState
 
 from . import ops
+from ._fused_step import fused_step, has_fused_step
 from ._gradients import (
     LocalGrads,
     PerDevice,
@@ -50,6 +51,12 @@ __all__ = ["GradScaler"]
 
 OptimizerOrList = Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]]
 NamedTensors = Union[torch.nn.Module, Mapping[str, Optional[Tensor]], Iterable[Tuple[str, Optional[Tensor]]]]
+
+def _fresh_optimizer_state() -> Dict[str, Any]:
+    # torch's _refresh_per_optimizer_state, here because Dynamo skips torch/amp: called from a skipped
+    # file as a defaultdict's factory, the entry it makes is lost from the traced dict (torch 2.14).
+    return {"stage": OptState.READY, "found_inf_per_device": {}}
+
 
 class GradScaler(torch.amp.GradScaler):
     """Dynamic loss scaling, as ``torch.amp.GradScaler``, on fused kernels with no host syncs.
@@ -86,6 +93,7 @@ class GradScaler(torch.amp.GradScaler):
         spike_guard: Optional[SpikeGuard] = None,
     ) -> None:
         super().__init__(device, init_scale, growth_factor, backoff_factor, growth_interval, enabled)
+        self._per_optimizer_states = defaultdict(_fresh_optimizer_state)
         if isinstance(hysteresis, bool) or not isinstance(hysteresis, int) or hysteresis < 1:
             raise ValueError(f"fastamp.GradScaler: hysteresis must be an int >= 1, got {hysteresis!r}")
         if not (0.0 <= min_scale <= max_scale) or math.isnan(max_scale):
@@ -99,8 +107,10 @@ class GradScaler(torch.amp.GradScaler):
         self._init_hysteresis_tracker = hysteresis
         self._hysteresis_tracker: Optional[Tensor] = None
         # Counters: iterations ended by update() (host int, no sync) and how many of them found inf/nan
-        # (a device tensor, read only when asked).
+        # (a device tensor, read only when asked). An update() inside a compiled function counts on the
+        # device only (a host int would be a constant of the graph): then the device count is the truth.
         self._num_steps = 0
+        self._steps_counted_on_device_only = False
         self._init_skipped_steps = 0
         self._skipped_steps: Optional[Tensor] = None
         self._last_found_inf: Optional[Tensor] = None
@@ -109,7 +119,7 @@ class GradScaler(torch.amp.GradScaler):
         if spike_guard is not None and not isinstance(spike_guard, SpikeGuard):
             raise TypeError(f"fastamp.GradScaler: spike_guard must be a fastamp.SpikeGuard, got {type(spike_guard).__name__}")
         self.spike_guard = spike_guard
-        self._init_counts = {"overflows": 0, "spikes": 0, "taken": 0}
+        self._init_counts = {"steps": 0, "overflows": 0, "spikes": 0, "taken": 0}
         self._counts: Dict[str, Tensor] = {}
         self._reset_iteration()
 
@@ -361,6 +371,12 @@ class GradScaler(torch.amp.GradScaler):
     ) -> Any:
         # PyTorch's contract with optimizers that unscale and skip on their own (fused Adam/AdamW/SGD):
         # they read `grad_scale` (grads are divided by it) and `found_inf` (skip when 1).
+        if torch.compiler.is_compiling() and has_fused_step(optimizer) and not args and not kwargs:
+            # torch.optim's step breaks the graph; the same fused kernels, called traceably, do not.
+            grad_scale, found_inf = self._device_skip_inputs(optimizer, optimizer_state)
+            fused_step(optimizer, grad_scale, found_inf)
+            optimizer_state["stage"] = OptState.STEPPED
+            return None
         kwargs_ = kwargs
         has_grad_scaler_kwarg = "grad_scaler" in inspect.signature(optimizer.step).parameters
         if has_grad_scaler_kwarg:
@@ -373,20 +389,7 @@ class GradScaler(torch.amp.GradScaler):
             )
             kwargs_.update({"grad_scaler": self})
         else:
-            if optimizer_state["stage"] is OptState.READY:
-                self._check_inf_per_device(optimizer)
-            scale = self._get_scale_async()
-            assert scale is not None
-            found_inf = self._combined_found_inf([optimizer_state])
-            if found_inf is None:
-                found_inf = self._new_found_inf()
-            found_inf = self._skip_flag(found_inf)  # a spike skips as an overflow does
-            if optimizer_state["stage"] is OptState.UNSCALED:
-                folded = optimizer_state.get("grad_scale")
-                optimizer.grad_scale = folded if folded is not None else getattr(optimizer, "grad_scale", None)
-            else:
-                optimizer.grad_scale = scale * getattr(optimizer, "grad_scale", 1)
-            optimizer.found_inf = found_inf
+            optimizer.grad_scale, optimizer.found_inf = self._device_skip_inputs(optimizer, optimizer_state)
         fresh_momentum = [] if has_grad_scaler_kwarg else self._params_without_momentum_buffer(optimizer)
         retval = optimizer.step(*args, **kwargs_)
         if fresh_momentum:
@@ -403,6 +406,22 @@ class GradScaler(torch.amp.GradScaler):
             del optimizer.grad_scale
             del optimizer.found_inf
         return retval
+
+    def _device_skip_inputs(self, optimizer: torch.optim.Optimizer,
+                            optimizer_state: Dict[str, Any]) -> Tuple[Optional[Tensor], Tensor]:
+        """``grad_scale`` and ``found_inf`` for an optimizer that unscales and skips on the device."""
+        if optimizer_state["stage"] is OptState.READY:
+            self._check_inf_per_device(optimizer)
+        scale = self._get_scale_async()
+        assert scale is not None
+        found_inf = self._combined_found_inf([optimizer_state])
+        if found_inf is None:
+            found_inf = self._new_found_inf()
+        found_inf = self._skip_flag(found_inf)  # a spike skips as an overflow does
+        if optimizer_state["stage"] is OptState.UNSCALED:
+            folded = optimizer_state.get("grad_scale")
+            return (folded if folded is not None else getattr(optimizer, "grad_scale", None)), found_inf
+        return scale * getattr(optimizer, "grad_scale", 1), found_inf
 
     @staticmethod
     def _params_without_momentum_buffer(optimizer: torch.optim.Optimizer) -> List[Tensor]:
@@ -453,7 +472,11 @@ class GradScaler(torch.amp.GradScaler):
             assert self._skipped_steps is not None and skipped is not None
             overflow = (found_inf.reshape(()) != 0).to(torch.int64)
             skipped_now = (skipped.reshape(()) != 0).to(torch.int64)
-            self._num_steps += 1
+            if torch.compiler.is_compiling():
+                self._steps_counted_on_device_only = True
+            else:
+                self._num_steps += 1
+            self._counts["steps"] += 1
             self._skipped_steps += skipped_now
             self._counts["overflows"] += overflow
             self._counts["spikes"] += skipped_now - overflow.to(skipped_now.device)
@@ -463,7 +486,7 @@ class GradScaler(torch.amp.GradScaler):
                 norm = self._observed_sq.sqrt() if self._observed_sq is not None else None
                 loss = self._global_loss if self._global_loss is not None else self._local_loss
                 self.spike_guard.record(norm, loss, skipped_now == 0)
-        self._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
+        self._per_optimizer_states = defaultdict(_fresh_optimizer_state)
         param_norms = self._param_norms
         self._reset_iteration()
         self._param_norms = param_norms  # per-parameter norms stay readable until the next clip
@@ -482,10 +505,10 @@ class GradScaler(torch.amp.GradScaler):
                 "_hysteresis_tracker": self._get_hysteresis_tracker(),
                 "min_scale": self._min_scale,
                 "max_scale": self._max_scale,
-                "_num_steps": self._num_steps,
             }
         )
-        skipped, overflows, spikes = self._read_counters()  # one read of the device counters
+        steps, skipped, overflows, spikes = self._read_counters()  # one read of the device counters
+        state["_num_steps"] = steps
         state.update({"_skipped_steps": skipped, "_overflow_steps": overflows, "_spike_steps": spikes})
         if self.spike_guard is not None:
             state["spike_guard"] = self.spike_guard.state_dict()
@@ -507,7 +530,8 @@ class GradScaler(torch.amp.GradScaler):
             self._hysteresis_tracker.fill_(self._init_hysteresis_tracker)
         if self._skipped_steps is not None:
             self._skipped_steps.fill_(self._init_skipped_steps)
-        self._init_counts = {"overflows": int(state_dict.get("_overflow_steps", 0)),
+        self._steps_counted_on_device_only = False
+        self._init_counts = {"steps": self._num_steps, "overflows": int(state_dict.get("_overflow_steps", 0)),
                              "spikes": int(state_dict.get("_spike_steps", 0)),
                              "taken": self._num_steps - self._init_skipped_steps}
         for key, counter in self._counts.items():
@@ -521,12 +545,14 @@ class GradScaler(torch.amp.GradScaler):
         state = super().__getstate__()
         if self._enabled:
             state["_init_hysteresis_tracker"] = self._get_hysteresis_tracker()
-            skipped, overflows, spikes = self._read_counters()
+            steps, skipped, overflows, spikes = self._read_counters()
+            state["_num_steps"] = steps
+            state["_steps_counted_on_device_only"] = False
             state["_init_skipped_steps"] = skipped
             state["_hysteresis_tracker"] = None
             state["_skipped_steps"] = None
             state["_last_found_inf"] = None
-            state["_init_counts"] = {"overflows": overflows, "spikes": spikes, "taken": self._num_steps - skipped}
+            state["_init_counts"] = {"steps": steps, "overflows": overflows, "spikes": spikes, "taken": steps - skipped}
             state["_counts"] = {}
             for key in ("_observed_sq", "_local_loss", "_global_loss", "_spike", "_param_norms"):
                 state[key] = None
@@ -668,7 +694,11 @@ class GradScaler(torch.amp.GradScaler):
 
     @property
     def num_steps(self) -> int:
-        """Iterations ended by :meth:`update` that checked gradients (host counter, no sync)."""
+        """Iterations ended by :meth:`update` that checked gradients: a host counter, no sync, unless an
+        update ran inside a ``torch.compile``'d function (a graph cannot move a host counter): from then on
+        this reads the device counter (one sync)."""
+        if self._steps_counted_on_device_only:
+            return self._read_counters()[0]
         return self._num_steps
 
     @property
@@ -683,9 +713,8 @@ class GradScaler(torch.amp.GradScaler):
         guard skipped (reads the device counters: one host sync)."""
         if not self._enabled:
             return {"steps": self._num_steps, "taken": self._num_steps, "skipped": 0, "overflows": 0, "spikes": 0}
-        skipped, overflows, spikes = self._read_counters()
-        return {"steps": self._num_steps, "taken": self._num_steps - skipped, "skipped": skipped, "overflows": overflows,
-                "spikes": spikes}
+        steps, skipped, overflows, spikes = self._read_counters()
+        return {"steps": steps, "taken": steps - skipped, "skipped": skipped, "overflows": overflows, "spikes": spikes}
 
     def taken_steps(self) -> Tensor:
         """Device int64 counter of the optimizer steps taken (not skipped), for hand-written loops that
@@ -694,11 +723,13 @@ class GradScaler(torch.amp.GradScaler):
         counter = self._counts.get("taken") if self._enabled else None
         return counter if counter is not None else torch.tensor(self._num_steps - self._init_skipped_steps)
 
-    def _read_counters(self) -> Tuple[int, int, int]:
+    def _read_counters(self) -> Tuple[int, int, int, int]:
+        """steps, skipped, overflows, spikes: one read of the device counters."""
         if self._skipped_steps is None:
-            return self._init_skipped_steps, self._init_counts["overflows"], self._init_counts["spikes"]
-        values = torch.stack([self._skipped_steps, self._counts["overflows"], self._counts["spikes"]]).tolist()
-        return int(values[0]), int(values[1]), int(values[2])
+            return self._num_steps, self._init_skipped_steps, self._init_counts["overflows"], self._init_counts["spikes"]
+        values = torch.stack([self._counts["steps"], self._skipped_steps, self._counts["overflows"],
+                              self._counts["spikes"]]).tolist()
+        return int(values[0]), int(values[1]), int(values[2]), int(values[3])
 
     def grad_norms(self, model: Union[torch.nn.Module, Iterable[Tuple[str, Tensor]]], depth: Optional[int] = None
                    ) -> Dict[str, float]:
