@@ -1,0 +1,87 @@
+"""The optimizer-side step compiled whole: ``clip_grad_norm_`` + ``step`` of a fused optimizer + ``update``,
+the spike guard and a device-side learning-rate schedule, under ``torch.compile(fullgraph=True)`` with
+inductor. Twelve steps with an overflow and a spike planted: no recompilation once the optimizer state
+exists (``error_on_recompile``) while the scale grows, backs off and steps are skipped, and every tensor the
+step touches equal, bit for bit, to the eager run's (the compiled step calls the same fused kernels)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from fastamp import GradScaler
+from fastamp.testing.compiled_step import OPTIMIZERS, make_setup, optimizer_side_step, run
+
+STEPS, OVERFLOW_AT, SPIKE_AT = 12, 5, 9
+
+
+def assert_same(eager, compiled):
+    assert eager.keys() == compiled.keys()
+    for key, value in eager.items():
+        if isinstance(value, torch.Tensor):
+            assert value.dtype == compiled[key].dtype and torch.equal(value, compiled[key]), key
+        else:
+            assert value == compiled[key], key
+
+
+def compiled_run(optimizer, backend="inductor"):
+    counter = CompileCounterWithBackend(backend)
+    step = torch.compile(optimizer_side_step, backend=counter, fullgraph=True)
+    torch._dynamo.reset()
+
+    def guard_recompiles(i):
+        # The first call builds the optimizer state inside the graph, the second finds it: after that, none.
+        torch._dynamo.config.error_on_recompile = i >= 2
+
+    try:
+        result = run(make_setup(optimizer), STEPS, step, overflow_at=OVERFLOW_AT, spike_at=SPIKE_AT,
+                     before_step=guard_recompiles)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    return result, counter
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_the_compiled_step_equals_the_eager_step_bit_for_bit(optimizer):
+    eager = run(make_setup(optimizer), STEPS, overflow_at=OVERFLOW_AT, spike_at=SPIKE_AT)
+    compiled, counter = compiled_run(optimizer)
+    assert counter.frame_count == 2  # no graph break; compiled twice (state created, then found), never again
+    assert torch.equal(eager["norms"], compiled["norms"])
+    for step, (e, c) in enumerate(zip(eager["history"], compiled["history"])):
+        assert_same(e, c), step
+    final = compiled["history"][-1]["scaler"]
+    # The planted overflow and spike were skipped, the scale moved both ways, and the schedule advanced
+    # only on taken steps.
+    assert (final["_overflow_steps"], final["_spike_steps"], final["_num_steps"]) == (1, 1, STEPS)
+    scales = [h["scaler"]["scale"] for h in compiled["history"]]
+    assert any(b > a for a, b in zip(scales, scales[1:])) and any(b < a for a, b in zip(scales, scales[1:]))
+    assert compiled["history"][-1]["taken"] == STEPS - 2
+    assert float(compiled["history"][-1]["lr"]) == pytest.approx(1e-2 * 0.9 ** (STEPS - 3), rel=1e-6)
+
+
+def test_a_skipped_compiled_step_leaves_parameters_and_state_bit_identical():
+    compiled, _ = compiled_run("adamw")
+    history = compiled["history"]
+    for skipped in (OVERFLOW_AT, SPIKE_AT):
+        before, after = history[skipped - 1], history[skipped]
+        for key, value in before.items():
+            if isinstance(value, torch.Tensor) and key != "lr":  # lr: set at the start of each step
+                assert torch.equal(value, after[key]), (skipped, key)
+        # The step after a skip runs at the skipped step's rate: the schedule did not advance.
+        assert torch.equal(history[skipped]["lr"], history[skipped + 1]["lr"])
+        assert not torch.equal(history[skipped - 1]["lr"], history[skipped]["lr"])
+
+
+def test_host_step_counter_reads_the_device_after_compiled_updates():
+    """A graph cannot move a host counter: after a compiled update() num_steps reads the device count."""
+    setup = make_setup("adamw")
+    step = torch.compile(optimizer_side_step, backend="eager", fullgraph=True)
+    torch._dynamo.reset()
+    run(setup, 3, step, overflow_at=1, spike_at=99)
+    assert setup.scaler.num_steps == 3
+    assert setup.scaler.step_counts() == {"steps": 3, "taken": 2, "skipped": 1, "overflows": 1, "spikes": 0}
+    restored = GradScaler("cpu")
+    restored.load_state_dict(setup.scaler.state_dict())
+    assert restored.num_steps == 3
