@@ -5,7 +5,9 @@ Adam/AdamW runs with Dynamo disabled unless ``capturable=True``: ``torch.compile
 ``clip_grad_norm_`` + ``scaler.step(optimizer)`` + ``update`` cannot go through ``optimizer.step()``.
 Under compilation, :class:`fastamp.GradScaler` calls :func:`fused_step` instead: the same ATen fused
 kernels ``optimizer.step()`` calls (``_fused_adam``, ``_fused_adamw``, ``_fused_sgd``), the same lazy state
-initialisation and step counting, so the compiled step gives the eager step's bits. The kernels are called
+initialisation (the optimizer's own ``_init_group``, which Dynamo runs at trace time, so the state is made
+outside the graph and marked static for CUDA graphs) and step counting: the compiled step gives the eager
+step's bits. The kernels are called
 through their functional variants and the results copied back: the in-place ones fail functionalization
 when a list argument is empty (``max_exp_avg_sqs`` without amsgrad; torch 2.14). Inductor turns the copies
 back into in-place writes.
@@ -69,27 +71,16 @@ def _adam_group(optimizer: torch.optim.Optimizer, group: dict, grad_scale: Optio
     amsgrad = bool(group["amsgrad"])
     decoupled = bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
     beta1, beta2 = group["betas"]
+    lists: List[List[Tensor]] = [[], [], [], [], [], []]
+    # torch's own lazy state initialisation and checks. Dynamo runs this method at trace time (it
+    # intercepts _init_group): the state is made outside the graph and marked static for CUDA graphs.
+    optimizer._init_group(group, *lists)
     buckets: Dict[Tuple[torch.device, torch.dtype], List[List[Tensor]]] = {}
-    for p in group["params"]:
-        if p.grad is None:
-            continue
-        if p.grad.is_sparse:
-            raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
-        state = optimizer.state[p]
-        if len(state) == 0:  # torch's lazy initialisation for fused: an fp32 step on the parameter's device
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if amsgrad:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        lists = buckets.setdefault((p.device, p.dtype), [[], [], [], [], [], []])
-        lists[0].append(p)
-        lists[1].append(p.grad)
-        lists[2].append(state["exp_avg"])
-        lists[3].append(state["exp_avg_sq"])
-        if amsgrad:
-            lists[4].append(state["max_exp_avg_sq"])
-        lists[5].append(state["step"])
+    for i, p in enumerate(lists[0]):
+        bucket = buckets.setdefault((p.device, p.dtype), [[], [], [], [], [], []])
+        for k in range(6):
+            if k != 4 or amsgrad:
+                bucket[k].append(lists[k][i])
     kernel = _ATEN._fused_adamw if decoupled else _ATEN._fused_adam
     for (device, _), (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) in buckets.items():
         lr = _lr_on(device, group["lr"])
@@ -108,30 +99,29 @@ def _adam_group(optimizer: torch.optim.Optimizer, group: dict, grad_scale: Optio
 def _sgd_group(optimizer: torch.optim.Optimizer, group: dict, grad_scale: Optional[Tensor],
                found_inf: Optional[Tensor]) -> None:
     momentum = group["momentum"]
+    params: List[Tensor] = []
+    grads: List[Tensor] = []
+    buffers: List[Optional[Tensor]] = []
+    optimizer._init_group(group, params, grads, buffers)  # torch's checks; see _adam_group
     # A parameter's first step with momentum starts its buffer from the gradient (is_first_step); torch's
-    # fused SGD takes it per call, so fresh and running buffers go to separate calls.
+    # fused SGD takes that per call, so fresh and running buffers go to separate calls.
     buckets: Dict[Tuple[torch.device, torch.dtype, bool], List[List[Tensor]]] = {}
-    for p in group["params"]:
-        if p.grad is None:
-            continue
-        if p.grad.is_sparse:
-            raise RuntimeError("`_fused_sgd` does not support sparse gradients")
-        buffer = optimizer.state[p].get("momentum_buffer") if momentum != 0 else None
+    for p, grad, buffer in zip(params, grads, buffers):
         fresh = momentum != 0 and buffer is None
         if fresh:
             # Zeros, not torch's empty_like: a skipped first step leaves the zeros GradScaler.step leaves eagerly.
-            buffer = optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
-        lists = buckets.setdefault((p.device, p.dtype, fresh), [[], [], []])
-        lists[0].append(p)
-        lists[1].append(p.grad)
-        if buffer is not None:
-            lists[2].append(buffer)
-    for (device, _, fresh), (params, grads, buffers) in buckets.items():
+            buffer = optimizer.state[p]["momentum_buffer"] = torch.zeros_like(grad)
+        bucket = buckets.setdefault((p.device, p.dtype, fresh), [[], [], []])
+        bucket[0].append(p)
+        bucket[1].append(grad)
+        if momentum != 0:
+            bucket[2].append(buffer)
+    for (device, _, fresh), (device_params, device_grads, device_buffers) in buckets.items():
         lr = _lr_on(device, group["lr"])
         overload = _ATEN._fused_sgd.tensor_lr if isinstance(lr, Tensor) else _ATEN._fused_sgd.default
-        device_found_inf = _on(device, found_inf)
-        out = overload(params, grads, buffers, weight_decay=group["weight_decay"], momentum=momentum, lr=lr,
-                       dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
-                       is_first_step=fresh, grad_scale=_on(device, grad_scale), found_inf=device_found_inf)
-        for targets, results in zip((params, grads, buffers), out):
+        out = overload(device_params, device_grads, device_buffers, weight_decay=group["weight_decay"],
+                       momentum=momentum, lr=lr, dampening=group["dampening"], nesterov=group["nesterov"],
+                       maximize=group["maximize"], is_first_step=fresh, grad_scale=_on(device, grad_scale),
+                       found_inf=_on(device, found_inf))
+        for targets, results in zip((device_params, device_grads, device_buffers), out):
             _copy_back(targets, results)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 import warnings
 from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -155,7 +156,20 @@ class GradScaler(torch.amp.GradScaler):
         if self._enabled and self.spike_guard is not None and self.spike_guard.watches_loss and isinstance(outputs, Tensor):
             loss = outputs.detach().float().sum()
             self._local_loss = loss if self._local_loss is None else self._local_loss + loss
-        return super().scale(outputs)
+        scaled = super().scale(outputs)
+        if "torch._dynamo" in sys.modules and not torch.compiler.is_compiling():
+            self._mark_static_for_graphs()
+        return scaled
+
+    def _mark_static_for_graphs(self) -> None:
+        # The scaler's device state lives at fixed addresses, updated in place: told so, a compiled step's
+        # CUDA graphs (mode="reduce-overhead") update it in place instead of refusing mutated inputs.
+        state = [self._scale, self._growth_tracker, self._hysteresis_tracker, self._skipped_steps, *self._counts.values()]
+        if self.spike_guard is not None:
+            state += self.spike_guard.device_state()
+        for tensor in state:
+            if tensor is not None:
+                torch._dynamo.mark_static_address(tensor)
 
     def _observe(self, total_norm: Optional[Tensor], reduced_loss: Optional[Tensor] = None,
                  group_size: int = 1) -> None:

@@ -12,7 +12,7 @@ clip (or the unscale) computes anyway: the guard adds no pass over the gradients
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -112,6 +112,10 @@ class SpikeGuard:
         if self.watches_loss and loss is not None:
             history = self._history("loss", loss.device)
             history.record(loss, taken.to(history.values.device))
+
+    def device_state(self) -> List[Tensor]:
+        """The device tensors of the history (updated in place, at fixed addresses)."""
+        return [t for history in self._histories.values() for t in (history.values, history.count)]
 
     def state_dict(self) -> Dict[str, Any]:
         """Settings and history (host values: a read of the device state)."""

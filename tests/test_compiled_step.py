@@ -32,7 +32,7 @@ def compiled_run(optimizer, backend="inductor"):
     torch._dynamo.reset()
 
     def guard_recompiles(i):
-        # The first call builds the optimizer state inside the graph, the second finds it: after that, none.
+        # The first call makes the spike guard's history inside the graph, the second finds it; then none.
         torch._dynamo.config.error_on_recompile = i >= 2
 
     try:
@@ -47,7 +47,7 @@ def compiled_run(optimizer, backend="inductor"):
 def test_the_compiled_step_equals_the_eager_step_bit_for_bit(optimizer):
     eager = run(make_setup(optimizer), STEPS, overflow_at=OVERFLOW_AT, spike_at=SPIKE_AT)
     compiled, counter = compiled_run(optimizer)
-    assert counter.frame_count == 2  # no graph break; compiled twice (state created, then found), never again
+    assert counter.frame_count == 2  # no graph break; compiled twice (guard history made, then found), never again
     assert torch.equal(eager["norms"], compiled["norms"])
     for step, (e, c) in enumerate(zip(eager["history"], compiled["history"])):
         assert_same(e, c), step
