@@ -53,6 +53,11 @@ __all__ = ["GradScaler"]
 OptimizerOrList = Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]]
 NamedTensors = Union[torch.nn.Module, Mapping[str, Optional[Tensor]], Iterable[Tuple[str, Optional[Tensor]]]]
 
+def _in_graph() -> bool:
+    """Inside a torch.compile trace or a CUDA graph capture: host state set here is set once, not per run."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def _fresh_optimizer_state() -> Dict[str, Any]:
     # torch's _refresh_per_optimizer_state, here because Dynamo skips torch/amp: called from a skipped
     # file as a defaultdict's factory, the entry it makes is lost from the traced dict (torch 2.14).
@@ -108,8 +113,8 @@ class GradScaler(torch.amp.GradScaler):
         self._init_hysteresis_tracker = hysteresis
         self._hysteresis_tracker: Optional[Tensor] = None
         # Counters: iterations ended by update() (host int, no sync) and how many of them found inf/nan
-        # (a device tensor, read only when asked). An update() inside a compiled function counts on the
-        # device only (a host int would be a constant of the graph): then the device count is the truth.
+        # (a device tensor, read only when asked). An update() inside a compiled function or a captured CUDA
+        # graph counts on the device only (a graph cannot move a host int): then the device count is the truth.
         self._num_steps = 0
         self._steps_counted_on_device_only = False
         self._init_skipped_steps = 0
@@ -157,7 +162,7 @@ class GradScaler(torch.amp.GradScaler):
             loss = outputs.detach().float().sum()
             self._local_loss = loss if self._local_loss is None else self._local_loss + loss
         scaled = super().scale(outputs)
-        if "torch._dynamo" in sys.modules and not torch.compiler.is_compiling():
+        if self._enabled and "torch._dynamo" in sys.modules and not torch.compiler.is_compiling():
             self._mark_static_for_graphs()
         return scaled
 
@@ -486,7 +491,7 @@ class GradScaler(torch.amp.GradScaler):
             assert self._skipped_steps is not None and skipped is not None
             overflow = (found_inf.reshape(()) != 0).to(torch.int64)
             skipped_now = (skipped.reshape(()) != 0).to(torch.int64)
-            if torch.compiler.is_compiling():
+            if _in_graph():
                 self._steps_counted_on_device_only = True
             else:
                 self._num_steps += 1
@@ -710,7 +715,7 @@ class GradScaler(torch.amp.GradScaler):
     def num_steps(self) -> int:
         """Iterations ended by :meth:`update` that checked gradients: a host counter, no sync, unless an
         update ran inside a ``torch.compile``'d function (a graph cannot move a host counter): from then on
-        this reads the device counter (one sync)."""
+        this reads the device counter (one sync). The same after an update captured in a CUDA graph."""
         if self._steps_counted_on_device_only:
             return self._read_counters()[0]
         return self._num_steps
