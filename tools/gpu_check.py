@@ -12,6 +12,7 @@ logs and results written into OUT with summary.json and summary.md:
   memcheck   compute-sanitizer --tool memcheck over a reduced CUDA workload (tools/sanitizer_workload.py)
   racecheck  compute-sanitizer --tool racecheck over the same workload
   bench      fastamp bench --device cuda --json
+  compiled-step  the optimizer-side step eager / compiled / CUDA graphs vs stock (benchmarks/compiled_step.py)
   gemm       fastamp gemm --device cuda --json --plot
   demo       fastamp demo --device cuda --precision fp16
   bench-misaligned   64M fp16/fp32 at element offset 1 vs 0 (expected within ~1.2x)
@@ -94,6 +95,9 @@ def _phases(python: str, out: Path) -> List[Phase]:
         Phase("bench", fastamp + ["bench", "--device", "cuda", "--workload", "gpt2-124M", "--workload", "gpt-1.3B",
                                   "--workload", "2000x4K", "--json", str(out / "fastamp-bench-cuda.json"),
                                   "--csv", str(out / "fastamp-bench-cuda.csv")], 120),
+        # The optimizer-side step eager vs compiled vs CUDA graphs (reduce-overhead, torch.cuda.graph), vs stock.
+        Phase("compiled-step", [python, str(ROOT / "benchmarks" / "compiled_step.py"), "--device", "cuda", "--rounds", "30",
+                                "--out", str(out / "compiled-step-cuda.json")], 120),
         Phase("bench-misaligned", fastamp + ["bench", "--device", "cuda", "--workload", "64M-aligned", "--workload",
                                              "64M-offset1", "--json", str(out / "fastamp-bench-cuda-misaligned.json")], 60),
         Phase("gemm", fastamp + ["gemm", "--device", "cuda", "--json", str(out / "gemm-cuda.json"),
