@@ -85,3 +85,38 @@ def test_host_step_counter_reads_the_device_after_compiled_updates():
     restored = GradScaler("cpu")
     restored.load_state_dict(setup.scaler.state_dict())
     assert restored.num_steps == 3
+
+
+def _adam_args(amsgrad, lr_tensor, found):
+    torch.manual_seed(0)
+    shapes = [(7, 3), (1,), (0,), (130,)]
+    lists = [[torch.randn(s) for s in shapes] for _ in range(2)] + [[torch.rand(s) for s in shapes] for _ in range(2)]
+    maxes = [torch.rand(s) for s in shapes] if amsgrad else []
+    steps = [torch.full((), 3.0) for _ in shapes]
+    lr = torch.tensor(1e-3) if lr_tensor else None
+    return (*lists, maxes, steps, 1e-3, lr, 0.9, 0.999, 0.01, 1e-8, amsgrad, False, True, torch.tensor(4.0),
+            torch.tensor(found))
+
+
+@pytest.mark.parametrize("amsgrad, lr_tensor, found", [(False, True, 0.0), (True, False, 0.0), (False, False, 1.0)])
+def test_the_fused_adam_step_op_passes_opcheck_and_matches_torch(amsgrad, lr_tensor, found):
+    args = _adam_args(amsgrad, lr_tensor, found)
+    torch.library.opcheck(torch.ops.fastamp.fused_adam_step_.default, args)
+    ours, theirs = _adam_args(amsgrad, lr_tensor, found), _adam_args(amsgrad, lr_tensor, found)
+    torch.ops.fastamp.fused_adam_step_(*ours)
+    torch._fused_adamw_(*theirs[:6], lr=theirs[7] if lr_tensor else theirs[6], beta1=0.9, beta2=0.999, weight_decay=0.01,
+                        eps=1e-8, amsgrad=amsgrad, maximize=False, grad_scale=theirs[-2], found_inf=theirs[-1])
+    for a, b in zip(ours[:5], theirs[:5]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    if found:  # a skip changes nothing
+        assert all(torch.equal(x, y) for x, y in zip(ours[0], _adam_args(amsgrad, lr_tensor, found)[0]))
+
+
+@pytest.mark.parametrize("momentum, first", [(0.9, True), (0.9, False), (0.0, False)])
+def test_the_fused_sgd_step_op_passes_opcheck(momentum, first):
+    torch.manual_seed(0)
+    shapes = [(5, 2), (1,), (0,), (33,)]
+    params, grads = [torch.randn(s) for s in shapes], [torch.randn(s) for s in shapes]
+    buffers = [torch.randn(s) for s in shapes] if momentum else []
+    args = (params, grads, buffers, 0.1, None, 0.0, momentum, 0.0, momentum > 0, False, first, None, torch.tensor(0.0))
+    torch.library.opcheck(torch.ops.fastamp.fused_sgd_step_.default, args)
