@@ -43,8 +43,15 @@ def compiled_run(optimizer, backend="inductor"):
     return result, counter
 
 
+# torch 2.13's CPU fused SGD miscomputes bf16 momentum (against SGD(foreach=False): off by up to 4e12 on 33
+# elements; right in 2.14), so its eager step is no oracle there.
+OLD_FUSED_SGD = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14)
+
+
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_the_compiled_step_equals_the_eager_step_bit_for_bit(optimizer):
+    if optimizer == "sgd_nesterov" and OLD_FUSED_SGD:
+        pytest.skip("torch < 2.14: the eager fused SGD's bf16 momentum is wrong on CPU (fixed in 2.14)")
     eager = run(make_setup(optimizer), STEPS, overflow_at=OVERFLOW_AT, spike_at=SPIKE_AT)
     compiled, counter = compiled_run(optimizer)
     assert counter.frame_count == 2  # no graph break; compiled twice (guard history made, then found), never again
