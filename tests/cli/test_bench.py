@@ -125,7 +125,7 @@ def test_summarize_renders_both_formats(tmp_path):
 def test_the_benchmarks_page_block_is_the_rendering_of_the_committed_results():
     summarize = load_summarize()
     paths = sorted(glob.glob(os.path.join("benchmarks", "results", "fastamp-bench-*.json"), root_dir=ROOT))
-    for kind in ("guard", "hf-trainer", "mesh-clip", "health"):
+    for kind in ("guard", "hf-trainer", "mesh-clip", "health", "compiled-step"):
         paths += sorted(glob.glob(os.path.join("benchmarks", "results", f"{kind}-*.json"), root_dir=ROOT))
     assert paths, "no committed fastamp bench results"
     cwd = os.getcwd()
