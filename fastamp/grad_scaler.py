@@ -100,6 +100,7 @@ class GradScaler(torch.amp.GradScaler):
     ) -> None:
         super().__init__(device, init_scale, growth_factor, backoff_factor, growth_interval, enabled)
         self._per_optimizer_states = defaultdict(_fresh_optimizer_state)
+        self._optimizers_in_graphs: Dict[int, torch.optim.Optimizer] = {}
         if isinstance(hysteresis, bool) or not isinstance(hysteresis, int) or hysteresis < 1:
             raise ValueError(f"fastamp.GradScaler: hysteresis must be an int >= 1, got {hysteresis!r}")
         if not (0.0 <= min_scale <= max_scale) or math.isnan(max_scale):
@@ -167,13 +168,18 @@ class GradScaler(torch.amp.GradScaler):
         return scaled
 
     def _mark_static_for_graphs(self) -> None:
-        # The scaler's device state lives at fixed addresses, updated in place: told so, a compiled step's
-        # CUDA graphs (mode="reduce-overhead") update it in place instead of refusing mutated inputs.
+        # What a compiled step mutates lives at fixed addresses, updated in place: the scaler's device state,
+        # and of the optimizers it stepped in a graph, the gradients (the fused kernels write them unscaled;
+        # kept with zero_grad(set_to_none=False)) and tensor learning rates. Told so, CUDA graphs
+        # (mode="reduce-overhead") update them in place instead of refusing mutated inputs.
         state = [self._scale, self._growth_tracker, self._hysteresis_tracker, self._skipped_steps, *self._counts.values()]
         if self.spike_guard is not None:
             state += self.spike_guard.device_state()
+        for optimizer in self._optimizers_in_graphs.values():
+            for group in optimizer.param_groups:
+                state += [group["lr"]] + [p.grad for p in group["params"]]
         for tensor in state:
-            if tensor is not None:
+            if isinstance(tensor, Tensor):
                 torch._dynamo.mark_static_address(tensor)
 
     def _observe(self, total_norm: Optional[Tensor], reduced_loss: Optional[Tensor] = None,
@@ -392,6 +398,8 @@ class GradScaler(torch.amp.GradScaler):
         # they read `grad_scale` (grads are divided by it) and `found_inf` (skip when 1).
         if torch.compiler.is_compiling() and has_fused_step(optimizer) and not args and not kwargs:
             # torch.optim's step breaks the graph; the same fused kernels, called traceably, do not.
+            if id(optimizer) not in self._optimizers_in_graphs:
+                self._optimizers_in_graphs[id(optimizer)] = optimizer
             grad_scale, found_inf = self._device_skip_inputs(optimizer, optimizer_state)
             fused_step(optimizer, grad_scale, found_inf)
             optimizer_state["stage"] = OptState.STEPPED
@@ -567,6 +575,7 @@ class GradScaler(torch.amp.GradScaler):
             steps, skipped, overflows, spikes = self._read_counters()
             state["_num_steps"] = steps
             state["_steps_counted_on_device_only"] = False
+            state["_optimizers_in_graphs"] = {}
             state["_init_skipped_steps"] = skipped
             state["_hysteresis_tracker"] = None
             state["_skipped_steps"] = None

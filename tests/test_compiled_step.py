@@ -127,3 +127,29 @@ def test_the_fused_sgd_step_op_passes_opcheck(momentum, first):
     buffers = [torch.randn(s) for s in shapes] if momentum else []
     args = (params, grads, buffers, 0.1, None, 0.0, momentum, 0.0, momentum > 0, False, first, None, torch.tensor(0.0))
     torch.library.opcheck(torch.ops.fastamp.fused_sgd_step_.default, args)
+
+
+def test_every_input_the_steady_compiled_step_mutates_is_static_for_cuda_graphs():
+    """CUDA graphs (mode="reduce-overhead") refuse a graph that mutates an input whose address is not static.
+    Checked here on CPU, at inductor's inner compile: the graph of the steady state (from the second call;
+    the first makes the optimizer state and the spike guard's history) mutates only static inputs (the
+    parameters and optimizer state, the scaler's and the guard's device state, the gradients, the lr)."""
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    graphs = []
+
+    def inner(gm, example_inputs, **kwargs):
+        compiled = compile_fx_inner(gm, example_inputs, **kwargs)
+        shapes = [f"{tuple(t.shape)} {t.dtype}" for t in example_inputs]
+        graphs.append((set(kwargs.get("static_input_idxs", ())), set(compiled.mutated_input_idxs), shapes))
+        return compiled
+
+    torch._dynamo.reset()
+    step = torch.compile(optimizer_side_step, backend=lambda gm, inputs: compile_fx(gm, inputs, inner_compile=inner),
+                         fullgraph=True)
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        run(make_setup("adamw"), 4, step, overflow_at=1, spike_at=99)
+    assert len(graphs) == 2
+    static, mutated, shapes = graphs[-1]
+    assert len(mutated) > 20
+    assert not mutated - static, [shapes[i] for i in sorted(mutated - static)]

@@ -76,13 +76,24 @@ def test_compiled_step_makes_no_host_sync():
 def test_reduce_overhead_replays_the_step_in_cuda_graphs(optimizer):
     from torch._dynamo.utils import counters
 
-    counters.clear()
     torch._dynamo.reset()
     step = torch.compile(optimizer_side_step, mode="reduce-overhead", fullgraph=True)
+
+    def before(i):
+        # The first call's graph makes the optimizer state and the guard's history (it runs once, without
+        # CUDA graphs); the steady state's graph, from the second call, must run in CUDA graphs.
+        if i == 1:
+            counters.clear()
+        torch.compiler.cudagraph_mark_step_begin()
+
     graphed = run(make_setup(optimizer, "cuda"), STEPS, step, overflow_at=OVERFLOW_AT, spike_at=SPIKE_AT,
-                  before_step=lambda i: torch.compiler.cudagraph_mark_step_begin())
+                  before_step=before)
     skips = dict(counters["inductor"])
     assert skips.get("cudagraph_skips", 0) == 0, skips
+    from torch._inductor.cudagraph_trees import get_manager
+
+    manager = get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    assert manager is not None and any(manager.roots.values()), "no CUDA graph was recorded"
     assert_same(eager_run(optimizer), graphed)
 
 
