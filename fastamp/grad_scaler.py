@@ -53,6 +53,7 @@ __all__ = ["GradScaler"]
 OptimizerOrList = Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]]
 NamedTensors = Union[torch.nn.Module, Mapping[str, Optional[Tensor]], Iterable[Tuple[str, Optional[Tensor]]]]
 
+
 def _in_graph() -> bool:
     """Inside a torch.compile trace or a CUDA graph capture: host state set here is set once, not per run."""
     return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
@@ -585,6 +586,14 @@ class GradScaler(torch.amp.GradScaler):
             for key in ("_observed_sq", "_local_loss", "_global_loss", "_spike", "_param_norms"):
                 state[key] = None
         return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # A scaler pickled before these existed: no step counted on the device alone, none stepped in a graph.
+        self.__dict__.setdefault("_steps_counted_on_device_only", False)
+        self.__dict__.setdefault("_optimizers_in_graphs", {})
+        if "_init_counts" in self.__dict__:
+            self._init_counts.setdefault("steps", self._num_steps)
 
     def _get_hysteresis_tracker(self) -> int:
         if self._hysteresis_tracker is None:

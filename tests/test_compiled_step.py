@@ -6,6 +6,8 @@ step touches equal, bit for bit, to the eager run's (the compiled step calls the
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 import torch._dynamo
@@ -92,6 +94,8 @@ def test_host_step_counter_reads_the_device_after_compiled_updates():
     restored = GradScaler("cpu")
     restored.load_state_dict(setup.scaler.state_dict())
     assert restored.num_steps == 3
+    unpickled = pickle.loads(pickle.dumps(setup.scaler))
+    assert unpickled.num_steps == 3 and unpickled.step_counts() == setup.scaler.step_counts()
 
 
 def _adam_args(amsgrad, lr_tensor, found):
