@@ -371,6 +371,8 @@ class GradScaler(torch.amp.GradScaler):
         device: no host sync. A folded clip from :meth:`clip_grad_norm_` travels in ``grad_scale``.
         """
         if not self._enabled:
+            if torch.compiler.is_compiling() and has_fused_step(optimizer) and not args and not kwargs:
+                return fused_step(optimizer, None, None)  # traceable, where optimizer.step() breaks the graph
             return optimizer.step(*args, **kwargs)
         if "closure" in kwargs:
             raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")

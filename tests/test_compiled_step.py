@@ -157,3 +157,27 @@ def test_every_input_the_steady_compiled_step_mutates_is_static_for_cuda_graphs(
     static, mutated, shapes = graphs[-1]
     assert len(mutated) > 20
     assert not mutated - static, [shapes[i] for i in sorted(mutated - static)]
+
+
+def test_a_disabled_scaler_compiles_whole_too():
+    """bf16 or fp32 with GradScaler(enabled=False): the same step, plain fused AdamW, no graph break."""
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-2), fused=True)
+        scaler = GradScaler("cpu", enabled=False)
+
+        def step():
+            norm = scaler.clip_grad_norm_(opt, 0.5)
+            scaler.step(opt)
+            scaler.update()
+            return norm
+
+        fn = torch.compile(step, fullgraph=True) if compiled else step
+        for i in range(3):
+            model(torch.randn(4, 8, generator=torch.Generator().manual_seed(i))).square().sum().backward()
+            fn()
+            opt.zero_grad()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
