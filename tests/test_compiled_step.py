@@ -181,3 +181,49 @@ def test_a_disabled_scaler_compiles_whole_too():
             opt.zero_grad()
         results.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def _two_optimizer_run(compiled, fused):
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+    if fused:
+        opt_a = torch.optim.AdamW(first.parameters(), lr=torch.tensor(1e-2), fused=True)
+        opt_b = torch.optim.SGD(second.parameters(), lr=torch.tensor(1e-2), momentum=0.9, fused=True)
+    else:
+        opt_a = torch.optim.AdamW(first.parameters(), lr=1e-2, foreach=True)
+        opt_b = torch.optim.SGD(second.parameters(), lr=1e-2, momentum=0.9, foreach=True)
+    scaler = GradScaler("cpu", init_scale=256.0, growth_interval=2)
+
+    def step():
+        norm = scaler.clip_grad_norm_([opt_a, opt_b], 1.0)  # one norm, one skip decision for both
+        scaler.step(opt_a)
+        scaler.step(opt_b)
+        scaler.update()
+        return norm
+
+    fn = torch.compile(step, fullgraph=fused) if compiled else step
+    torch._dynamo.reset()
+    for i in range(6):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(i))
+        scaler.scale(second(first(x)).square().sum()).backward()
+        if i == 3:
+            first.weight.grad[0, 0] = float("nan")
+        fn()
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+    return [p.detach().clone() for p in (*first.parameters(), *second.parameters())], scaler.state_dict()
+
+
+def test_two_fused_optimizers_clipped_together_compile_whole():
+    eager, compiled = _two_optimizer_run(False, True), _two_optimizer_run(True, True)
+    assert all(torch.equal(a, b) for a, b in zip(eager[0], compiled[0]))
+    assert eager[1] == compiled[1] and compiled[1]["_overflow_steps"] == 1
+
+
+def test_non_fused_optimizers_still_compile_with_graph_breaks():
+    """Not fullgraph: the host reads the skip decision (a graph break) and torch.optim's step breaks the
+    graph as it always does; torch compiles the foreach step itself (its own rounding: close, not equal)."""
+    eager, compiled = _two_optimizer_run(False, False), _two_optimizer_run(True, False)
+    for a, b in zip(eager[0], compiled[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert eager[1] == compiled[1] and compiled[1]["_overflow_steps"] == 1
