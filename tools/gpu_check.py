@@ -8,6 +8,7 @@ logs and results written into OUT with summary.json and summary.md:
   build      compile the kernels for the visible GPU's arch only (fastamp build, into a JIT cache)
   check      fastamp check --device cuda
   pytest     pytest tests/cuda tests/ops tests/test_library.py (the CUDA cases)
+  pytest-compiled-step  tests/cuda/test_compiled_step_cuda.py (compiled, reduce-overhead, torch.cuda.graph)
   emu-vs-cuda  the CUDA emulator's cases (tests/emu) on the emulated and on the real kernels, side by side
   memcheck   compute-sanitizer --tool memcheck over a reduced CUDA workload (tools/sanitizer_workload.py)
   racecheck  compute-sanitizer --tool racecheck over the same workload
@@ -85,7 +86,12 @@ def _phases(python: str, out: Path) -> List[Phase]:
         Phase("check", fastamp + ["check", "--device", "cuda", "--json", str(out / "check.json")], 90),
         # tests/cuda, and the device-generic op tests, whose CUDA cases exist only where a GPU is.
         Phase("pytest", [python, "-m", "pytest", "tests/cuda", "tests/ops", "tests/test_library.py", "-q", "-ra",
-                         "-p", "no:cacheprovider", f"--junitxml={out / 'pytest-cuda.xml'}"], 180),
+                         "-p", "no:cacheprovider", "--ignore=tests/cuda/test_compiled_step_cuda.py",
+                         f"--junitxml={out / 'pytest-cuda.xml'}"], 180),
+        # The optimizer-side step compiled (inductor, reduce-overhead) and captured in CUDA graphs: its own
+        # phase, so that compile times cannot starve the other CUDA tests.
+        Phase("pytest-compiled-step", [python, "-m", "pytest", "tests/cuda/test_compiled_step_cuda.py", "-q", "-ra",
+                                       "-p", "no:cacheprovider", f"--junitxml={out / 'pytest-compiled-step.xml'}"], 150),
         # The emulator's cases on the real kernels too (its `target` fixture runs each on both): what the
         # emulator says of the kernels is held against the GPU on the same inputs and oracle.
         Phase("emu-vs-cuda", [python, "-m", "pytest", "tests/emu", "-m", "not slow", "-q", "-ra", "-p", "no:cacheprovider",
