@@ -55,7 +55,7 @@ emu-mutation: $(BUILD_STAMP)
 
 # For a GPU machine with torch installed and no network: no venv, no downloads; PYTHON's torch as it is.
 gpu-check:
-	$(PYTHON) tools/gpu_check.py --out $(OUT)
+	$(PYTHON) tools/gpu_check.py --out $(OUT) $(if $(PHASES),--only $(PHASES))
 
 # House rules: ruff (pyproject.toml) for Python, clang-format (.clang-format) for csrc/.
 lint: $(DEPS_STAMP)

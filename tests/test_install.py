@@ -332,3 +332,10 @@ def test_build_info_reports_the_parameter_layout_and_driver():
     if not info["cuda_kernels"]:
         pytest.skip("no CUDA kernels built here")
     assert info["large_kernel_params"] == (_build.nvcc_version(_build.find_cuda_home() or "") >= (12, 1))
+
+
+def test_gpu_check_refuses_an_unknown_phase_naming_the_phases(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--out", str(tmp_path), "--only",
+                          "pytest-compiled-step", "no-such-phase"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "unknown phase(s) no-such-phase" in run.stderr, run.stderr
+    assert "pytest-compiled-step" in run.stderr.split("the phases are:")[1]

@@ -19,6 +19,7 @@ logs and results written into OUT with summary.json and summary.md:
   bench-misaligned   64M fp16/fp32 at element offset 1 vs 0 (expected within ~1.2x)
   blocks-*   block-shape variants of the CUDA kernels, each compiled and timed (the default is 256x3)
 
+``--only PHASE ...`` runs a subset (build always runs), to split the run over several calls.
 The whole run keeps within --budget seconds (default 480): a phase gets the smaller of its budget and
 what is left, and phases that no longer fit are skipped, saying so. Without a GPU it builds, says
 there is no GPU and exits 2. Exit code 1 if any phase failed.
@@ -166,7 +167,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default="gpu-check-results", help="folder for logs, JSON, PNG and the summary")
     parser.add_argument("--budget", type=int, default=480, help="seconds for the whole run (default 480)")
     parser.add_argument("--python", default=sys.executable, help="interpreter whose torch to use")
+    parser.add_argument("--only", nargs="+", metavar="PHASE",
+                        help="run only these phases (build always runs): split a run over several calls")
     args = parser.parse_args(argv)
+    names = [p.name for p in _phases(args.python, Path(args.out))]
+    unknown = sorted(set(args.only or ()) - set(names))
+    if unknown:
+        parser.error(f"unknown phase(s) {', '.join(unknown)}; the phases are: {', '.join(names)}")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.perf_counter() + args.budget
@@ -181,7 +188,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for phase in _phases(args.python, out):
         summary.phases.append(phase)
         left = deadline - time.perf_counter()
-        if phase.needs_gpu and gpu is None:
+        if args.only and phase.name != "build" and phase.name not in args.only:
+            phase.status, phase.note = "SKIP", "not asked for (--only)"
+        elif phase.needs_gpu and gpu is None:
             phase.status, phase.note = "SKIP", "no GPU"
         elif left < 15:
             phase.status, phase.note = "SKIP", f"no time left ({left:.0f} s of the {args.budget} s budget)"
