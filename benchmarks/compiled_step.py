@@ -29,7 +29,7 @@ import torch
 from report import write_report
 
 import fastamp
-from fastamp.cli.bench import WORKLOADS, make_grads
+from fastamp.cli.bench import WORKLOADS, make_grads, quantile
 
 MAX_NORM = 1.0
 SCALE = 2.0**12
@@ -150,8 +150,7 @@ def main(argv=None) -> int:
     write_report(args.out, args.device, benchmarks)
     baseline = {}
     for b in benchmarks:
-        data = sorted(b["stats"]["data"])
-        median = data[len(data) // 2]
+        median = quantile(b["stats"]["data"], 0.5)
         if b["extra_info"]["baseline"]:
             baseline[b["group"]] = median
         ratio = baseline.get(b["group"], median) / median

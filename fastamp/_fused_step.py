@@ -108,9 +108,9 @@ def _adam_group(optimizer: torch.optim.Optimizer, group: dict, grad_scale: Optio
     buckets: Dict[Tuple[torch.device, torch.dtype], List[List[Tensor]]] = {}
     for i, p in enumerate(lists[0]):
         bucket = buckets.setdefault((p.device, p.dtype), [[], [], [], [], [], []])
-        for k in range(6):
-            if k != 4 or amsgrad:
-                bucket[k].append(lists[k][i])
+        for into, full in zip(bucket, lists):
+            if full:  # max_exp_avg_sqs is empty without amsgrad
+                into.append(full[i])
     for (device, _), (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) in buckets.items():
         device_found_inf = _on(device, found_inf)
         torch._foreach_add_(steps, 1)

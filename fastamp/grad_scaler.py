@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import sys
 import warnings
 from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -164,7 +163,7 @@ class GradScaler(torch.amp.GradScaler):
             loss = outputs.detach().float().sum()
             self._local_loss = loss if self._local_loss is None else self._local_loss + loss
         scaled = super().scale(outputs)
-        if self._enabled and "torch._dynamo" in sys.modules and not torch.compiler.is_compiling():
+        if self._optimizers_in_graphs and not torch.compiler.is_compiling():  # nothing to do in eager training
             self._mark_static_for_graphs()
         return scaled
 
@@ -371,8 +370,8 @@ class GradScaler(torch.amp.GradScaler):
         device: no host sync. A folded clip from :meth:`clip_grad_norm_` travels in ``grad_scale``.
         """
         if not self._enabled:
-            if torch.compiler.is_compiling() and has_fused_step(optimizer) and not args and not kwargs:
-                return fused_step(optimizer, None, None)  # traceable, where optimizer.step() breaks the graph
+            if self._steps_traceably(optimizer, args, kwargs):
+                return fused_step(optimizer, None, None)
             return optimizer.step(*args, **kwargs)
         if "closure" in kwargs:
             raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
@@ -399,8 +398,7 @@ class GradScaler(torch.amp.GradScaler):
     ) -> Any:
         # PyTorch's contract with optimizers that unscale and skip on their own (fused Adam/AdamW/SGD):
         # they read `grad_scale` (grads are divided by it) and `found_inf` (skip when 1).
-        if torch.compiler.is_compiling() and has_fused_step(optimizer) and not args and not kwargs:
-            # torch.optim's step breaks the graph; the same fused kernels, called traceably, do not.
+        if self._steps_traceably(optimizer, args, kwargs):
             if id(optimizer) not in self._optimizers_in_graphs:
                 self._optimizers_in_graphs[id(optimizer)] = optimizer
             grad_scale, found_inf = self._device_skip_inputs(optimizer, optimizer_state)
@@ -436,6 +434,12 @@ class GradScaler(torch.amp.GradScaler):
             del optimizer.grad_scale
             del optimizer.found_inf
         return retval
+
+    @staticmethod
+    def _steps_traceably(optimizer: torch.optim.Optimizer, args: Tuple, kwargs: Dict) -> bool:
+        # torch.optim's step breaks the graph; inside torch.compile the same fused kernels, called traceably
+        # (fastamp._fused_step), do not.
+        return torch.compiler.is_compiling() and has_fused_step(optimizer) and not args and not kwargs
 
     def _device_skip_inputs(self, optimizer: torch.optim.Optimizer,
                             optimizer_state: Dict[str, Any]) -> Tuple[Optional[Tensor], Tensor]:
